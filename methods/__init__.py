@@ -1,0 +1,328 @@
+"""The registry of visual-token pruning methods.
+
+A method is a pure function: a :class:`PruneContext` and a token budget in, the indices of the
+tokens to keep out. Every ``*.py`` file in this folder is imported on first use, so adding a
+method is one new file::
+
+    from methods import register_prune, PruneContext
+
+    @register_prune("my_method_pre_llm", stage="pre_llm")
+    def my_method(ctx: PruneContext, keep: int, *, alpha: float = 0.5) -> torch.Tensor:
+        '''One line: what it keeps. Paper: <link>.'''
+        scores = ctx.features.norm(dim=-1)          # ctx.features: [N, D]
+        return scores.topk(keep).indices            # [keep]; the engine sorts them
+
+Keyword-only parameters with defaults are the method's hyper-parameters; users set them with
+``PRUNE_ARGS="alpha=0.3"`` (checked against this signature). Inputs beyond the features (e.g. the
+attention of the last prompt token) are declared with ``needs=(...)`` and read as
+``ctx["last_query_attention_prev"]``; the engine computes them only for methods that declare them.
+
+A method returns either ``indices`` (LongTensor ``[keep]``, into ``ctx.features``) or
+``(indices, features)`` when it merges tokens: ``features`` (``[keep, D]``, in the same order as
+``indices``) then replace the kept tokens' features. The engine checks the return (1-D, unique, in
+range, exactly ``keep`` entries unless the method is registered with ``exact_count=False``) and
+sorts it, so methods need not.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import math
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+__all__ = [
+    "PruneContext",
+    "PruneMethod",
+    "register_prune",
+    "get_method",
+    "names",
+    "all_methods",
+    "budget",
+    "check_selection",
+    "STAGES",
+    "NEEDS",
+    "UnknownMethodError",
+]
+
+STAGES = ("pre_llm", "intra_llm")
+
+# What a method may ask the engine for, and at which stages it exists. Shapes are per image.
+NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "last_query_attention_prev": (
+        "[H, N] softmax attention of the last prompt token over the whole sequence at the PREVIOUS "
+        "decoder layer (its own queries/keys, RoPE applied), columns of this image's visual tokens. "
+        "FastV's input.",
+        ("intra_llm",),
+    ),
+    "last_query_attention_self": (
+        "[H, N] the same, computed with THIS layer's input_layernorm/q_proj/k_proj on the layer's "
+        "input (look-ahead; PyramidDrop's input).",
+        ("intra_llm",),
+    ),
+    "text_features": (
+        "[T, D] the states of the text tokens after this image (question + assistant prefix), at "
+        "the same point as ctx.features.",
+        ("pre_llm", "intra_llm"),
+    ),
+}
+
+
+class UnknownMethodError(ValueError):
+    """A method name that is not registered (the message lists the close names)."""
+
+
+@dataclass(frozen=True)
+class PruneContext:
+    """Everything a method may read about one image's visual tokens at one pruning event.
+
+    Attributes:
+        features: ``[N, D]`` the visual tokens entering this stage (pre-LLM: the projector /
+            merger output; intra-LLM: the hidden states of the surviving visual tokens at the input
+            of ``layer``).
+        stage: ``"pre_llm"`` or ``"intra_llm"``.
+        layer: decoder layer index for intra-LLM events, ``None`` for pre-LLM.
+        positions: ``[N]`` absolute positions of these tokens in the original (unpruned) prompt.
+        token_index: ``[N]`` index of each token in its image's original token order
+            (``0..n_orig-1``; with ``grid`` it locates the token in the image).
+        n_orig: how many visual tokens this image had before any pruning.
+        grid: ``(t, h, w)`` of the image's original token grid (tiles are ``t`` for InternVL),
+            or ``None`` when unknown.
+        image_index: which image of the prompt (0-based).
+        generator: the seeded CPU generator random methods draw from (``PRUNE_SEED``).
+        extras: the declared needs (see :data:`NEEDS`), read with ``ctx[name]``.
+    """
+
+    features: torch.Tensor
+    stage: str
+    layer: int | None
+    positions: torch.Tensor
+    token_index: torch.Tensor
+    n_orig: int
+    grid: tuple[int, int, int] | None = None
+    image_index: int = 0
+    generator: torch.Generator | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self.extras[name]
+        except KeyError:
+            raise KeyError(
+                f"{name!r} was not computed for this method: declare it in "
+                f"@register_prune(..., needs=({name!r},)). Available needs: {sorted(NEEDS)}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class PruneMethod:
+    """A registry entry. ``params`` are the keyword-only hyper-parameters and their defaults."""
+
+    name: str
+    stage: str
+    fn: Callable[..., Any]
+    needs: tuple[str, ...] = ()
+    exact_count: bool = True
+    params: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+    paper: str = ""
+    deviation: str = ""
+    families: tuple[str, ...] | None = None  # None: every family
+
+    @property
+    def summary(self) -> str:
+        doc = inspect.getdoc(self.fn) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    def check_args(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate and coerce ``args`` (strings from the environment allowed) to the defaults' types."""
+        out: dict[str, Any] = {}
+        for key, value in args.items():
+            if key not in self.params:
+                close = difflib.get_close_matches(key, list(self.params), n=3, cutoff=0.5)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                known = ", ".join(f"{k}={v!r}" for k, v in self.params.items()) or "none"
+                raise ValueError(
+                    f"{self.name} has no hyper-parameter {key!r}.{hint} Its hyper-parameters: {known}."
+                )
+            out[key] = _coerce(self.name, key, value, self.params[key])
+        return out
+
+
+_REGISTRY: dict[str, PruneMethod] = {}
+_discovered = False
+
+
+def register_prune(
+    name: str,
+    *,
+    stage: str,
+    needs: tuple[str, ...] = (),
+    exact_count: bool = True,
+    source: str = "",
+    paper: str = "",
+    deviation: str = "",
+    families: tuple[str, ...] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn(ctx, keep, *, hyper=default, ...)`` under ``name`` for ``stage``.
+
+    Args:
+        name: the name users type (``PRUNE_METHOD=name``); keeps the ``_pre_llm`` /
+            ``_intra_llm`` suffix convention.
+        stage: ``"pre_llm"`` or ``"intra_llm"``.
+        needs: inputs beyond the features, from :data:`NEEDS`.
+        exact_count: False for methods whose kept count is adaptive (the trace reports it).
+        source / paper: the original repository and paper (shown in the README table).
+        deviation: one line on how this port differs from UniPruneBench's, if it does.
+        families: the model families it applies to (``None``: all).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r} (method {name!r})")
+    for need in needs:
+        if need not in NEEDS:
+            raise ValueError(f"{name}: unknown need {need!r}; known needs: {sorted(NEEDS)}")
+        if stage not in NEEDS[need][1]:
+            raise ValueError(f"{name}: need {need!r} does not exist at stage {stage!r}")
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            other = _REGISTRY[name].fn
+            raise ValueError(
+                f"method name {name!r} registered twice: {other.__module__}.{other.__qualname__} "
+                f"and {fn.__module__}.{fn.__qualname__}"
+            )
+        _REGISTRY[name] = PruneMethod(
+            name=name,
+            stage=stage,
+            fn=fn,
+            needs=tuple(needs),
+            exact_count=exact_count,
+            params=_hyper_parameters(name, fn),
+            source=source,
+            paper=paper,
+            deviation=deviation,
+            families=families,
+        )
+        return fn
+
+    return decorator
+
+
+def _hyper_parameters(name: str, fn: Callable[..., Any]) -> dict[str, Any]:
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) < 2 or any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params[:2]):
+        raise TypeError(f"{name}: a method's signature is fn(ctx, keep, *, hyper=default, ...)")
+    hyper = {}
+    for p in params[2:]:
+        if p.kind is not p.KEYWORD_ONLY or p.default is p.empty:
+            raise TypeError(f"{name}: hyper-parameter {p.name!r} must be keyword-only with a default")
+        hyper[p.name] = p.default
+    return hyper
+
+
+def _coerce(method: str, key: str, value: Any, default: Any) -> Any:
+    if not isinstance(value, str) or isinstance(default, str):
+        return value
+    try:
+        if isinstance(default, bool):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes"):
+                return True
+            if low in ("0", "false", "no"):
+                return False
+            raise ValueError(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, (tuple, list)):
+            inner = type(default[0]) if default else float
+            return tuple(inner(v) for v in value.replace("/", " ").split())
+    except ValueError:
+        raise ValueError(
+            f"{method}: {key}={value!r} is not a {type(default).__name__} (default {default!r})"
+        ) from None
+    return value
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def all_methods() -> dict[str, PruneMethod]:
+    _discover()
+    return dict(_REGISTRY)
+
+
+def names(stage: str | None = None) -> list[str]:
+    return sorted(n for n, m in all_methods().items() if stage is None or m.stage == stage)
+
+
+def get_method(name: str) -> PruneMethod:
+    methods = all_methods()
+    if name in methods:
+        return methods[name]
+    close = difflib.get_close_matches(name, list(methods), n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise UnknownMethodError(f"unknown pruning method {name!r}.{hint} Registered: {', '.join(sorted(methods))}")
+
+
+def budget(n: int, ratio: float) -> int:
+    """Tokens kept out of ``n`` at ``ratio``: ``max(1, floor(n * ratio + 0.5))`` (round half up).
+
+    The one budget rule of the harness, used for every method and stage. Half-up rounding (not
+    Python's banker's ``round``) so that equal ratios never keep fewer tokens on even counts.
+    A tiny epsilon absorbs float error (``0.1 * 30`` is ``3.0000000000000004``).
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"keep ratio must be in (0, 1], got {ratio}")
+    return max(1, min(n, math.floor(n * ratio + 0.5 + 1e-9)))
+
+
+def check_selection(method: PruneMethod, out: Any, n: int, keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate a method's return and sort it. Returns ``(indices [k], features [k, D] or None)``."""
+    feats = None
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise TypeError(f"{method.name} returned a tuple of {len(out)}; expected (indices, features)")
+        out, feats = out
+    if not isinstance(out, torch.Tensor) or out.dim() != 1 or out.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{method.name} must return a 1-D integer tensor of indices, got {_describe(out)}")
+    idx = out.long()
+    k = idx.numel()
+    if method.exact_count and k != keep:
+        raise ValueError(f"{method.name} returned {k} indices for a budget of {keep}")
+    if not method.exact_count and not 0 <= k <= n:
+        raise ValueError(f"{method.name} returned {k} indices out of {n} tokens")
+    if k and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ValueError(f"{method.name} returned an index outside [0, {n})")
+    order = torch.argsort(idx)
+    idx = idx[order]
+    if k > 1 and bool((idx[1:] == idx[:-1]).any()):
+        raise ValueError(f"{method.name} returned duplicate indices")
+    if feats is not None:
+        if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != k:
+            raise ValueError(f"{method.name} returned merged features of shape {_describe(feats)}; expected [{k}, D]")
+        feats = feats[order.to(feats.device)]
+    return idx, feats
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"Tensor{tuple(x.shape)} {x.dtype}"
+    return type(x).__name__

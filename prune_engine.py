@@ -1,0 +1,576 @@
+"""The pruning engine, shared by every model family.
+
+One decoder loop cuts the sequence, the rotary embeddings, the position ids, the masks and (by
+construction) the KV cache, for pre-LLM pruning (at the decoder's input) and intra-LLM pruning
+(at the input of chosen layers). A family file (``custom_qwenvl.py``, ...) only says where the
+visual tokens are and how the family's decoder builds its position ids; see :class:`Family`.
+
+How it attaches to a model (:func:`patch`), per model instance, nothing at import time:
+  * the decoder (``model.model.language_model``) gets an instance-level ``forward`` that runs
+    :func:`_decoder_forward`; with no pruning configured, or on a prompt whose cache was never
+    pruned, it calls the original transformers forward, so outputs are exactly the library's;
+  * a forward pre-hook / hook pair on the top-level model finds the image spans in ``input_ids``
+    before each prefill, times the prefill and files the sample's record afterwards.
+
+Guarantees (each is a test in ``tests/test_engine_qwen.py``):
+  * Kept tokens keep their original positions (Qwen's 3-D M-RoPE ids included); decoding
+    continues from the unpruned length, as the unpatched model would.
+  * Prefill logits and every decode step equal those of the unpatched model run without cache on
+    the same sequence with the dropped tokens removed at the same layer.
+  * Layers below an intra-LLM cut keep the full KV cache, layers from the cut on keep only the
+    survivors; masks are built per layer from that layer's own cache length.
+
+Batch size 1 is the protocol (as in the UniPruneBench paper): a larger batch, or padding, raises.
+Several images in one prompt are pruned per image: each keeps ``budget(N_i, ratio)`` of its own
+``N_i`` tokens; the text between images is never visual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import tv_compat
+
+tv_compat.ensure_torchvision()  # before transformers imports torchvision
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+import methods
+from utils import PruneConfig, Stopwatch, TimingSink
+
+logger = logging.getLogger(__name__)
+
+TESTED_TRANSFORMERS = "5.23.0"
+
+
+# ----------------------------------------------------------------------------- family interface
+class Family:
+    """What the engine needs to know about a model family. Subclasses live in ``custom_*.py``."""
+
+    name: str = ""
+
+    def text_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack (has ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``)."""
+        return model.model.language_model
+
+    def image_token_id(self, model: nn.Module) -> int:
+        return int(model.config.image_token_id)
+
+    def image_layout(self, model: nn.Module, kwargs: Mapping[str, Any]) -> list[tuple[int, tuple[int, int, int] | None]]:
+        """``[(n_tokens, grid (t, h, w) or None), ...]`` per image of this forward, in prompt order.
+
+        An empty list means "unknown": the engine then treats each run of image tokens as one image.
+        """
+        return []
+
+    def positions(
+        self, text_model: nn.Module, position_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, past_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(rope_positions, layer_position_ids)`` as the family's decoder forward builds them.
+
+        ``rope_positions`` goes to ``rotary_emb`` and ``layer_position_ids`` to every layer; both
+        have the sequence on their last dimension. Default: LLaMA / Qwen2 (copied from
+        ``LlamaModel.forward``, transformers 5.23.0, unchanged).
+        """
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len
+            position_ids = position_ids.unsqueeze(0)
+        return position_ids, position_ids
+
+    def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on ``x`` ``[B, H, L, hd]`` with ``cos``/``sin`` ``[B, L, hd]`` (the families' layout)."""
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------- per-model state
+@dataclass
+class Event:
+    stage: str
+    layer: int | None
+    method: str
+    n_in: int
+    n_keep: int
+    kept: list[int]
+    images: list[tuple[int, int]]
+    ms: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Segment:
+    """One image's visual tokens, tracked through the cuts of a prefill."""
+
+    n_orig: int
+    grid: tuple[int, int, int] | None
+    orig_seq: torch.Tensor  # [n_orig] indices of its tokens in the unpruned prompt
+    alive: torch.Tensor  # [n_current] indices into 0..n_orig-1 of the survivors
+
+
+@dataclass
+class _Prefill:
+    """The bookkeeping of one prefill, set by the top-level pre-hook, read by the decoder loop."""
+
+    segments: list[_Segment]
+    n_prompt: int
+    stopwatch: Stopwatch | None = None
+
+
+@dataclass
+class PruneState:
+    family: Family
+    config: PruneConfig
+    sink: TimingSink | None = None
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    trace: list[Event] = field(default_factory=list)
+    prefill: _Prefill | None = None
+    cache_pruned: bool = False
+    next_positions: torch.Tensor | None = None  # position ids of the next token, as last passed
+    samples: int = 0
+    hooks: list[Any] = field(default_factory=list)
+    original_forward: Callable[..., Any] | None = None
+    on_sample: Callable[[dict[str, Any]], None] | None = None
+
+    def configure(self, config: PruneConfig, num_layers: int) -> None:
+        config.validate_for(num_layers, self.family.name)
+        for name in config.method_names:
+            m = methods.get_method(name)
+            m.check_args(config.args_for(name))
+        self.config = config
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+
+def get_state(model: nn.Module) -> PruneState | None:
+    return getattr(model, "_prune_state", None)
+
+
+# ----------------------------------------------------------------------------- patch / unpatch
+def patch(model: nn.Module, family: Family, config: PruneConfig | None = None, sink: TimingSink | None = None) -> nn.Module:
+    """Attach the engine to ``model`` (idempotent) and apply ``config`` (default: no pruning)."""
+    _check_transformers()
+    state = get_state(model)
+    text = family.text_model(model)
+    if state is None:
+        state = PruneState(family=family, config=PruneConfig())
+        state.original_forward = text.forward
+        text.forward = types.MethodType(_make_decoder_forward(state), text)
+        state.hooks = [
+            model.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True),
+            model.register_forward_hook(_make_post_hook(state), with_kwargs=True),
+        ]
+        model._prune_state = state
+    state.configure(config or PruneConfig(), len(text.layers))
+    if sink is not None:
+        state.sink = sink
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove everything :func:`patch` added; the model is then the library's again."""
+    state = get_state(model)
+    if state is None:
+        return model
+    for h in state.hooks:
+        h.remove()
+    text = state.family.text_model(model)
+    if "forward" in text.__dict__:
+        del text.forward
+    del model._prune_state
+    model.__dict__.pop("prune_trace", None)
+    return model
+
+
+@contextlib.contextmanager
+def pruning(model: nn.Module, config: PruneConfig) -> Iterator[nn.Module]:
+    """Run a block with ``config`` on an already patched model; the previous config comes back after."""
+    state = get_state(model)
+    if state is None:
+        raise RuntimeError("pruning() needs a patched model: call custom_<family>.patch(model) first")
+    previous = state.config
+    state.configure(config, len(state.family.text_model(model).layers))
+    try:
+        yield model
+    finally:
+        state.configure(previous, len(state.family.text_model(model).layers))
+
+
+def _check_transformers() -> None:
+    import transformers
+
+    if transformers.__version__ != TESTED_TRANSFORMERS:
+        logger.warning(
+            "transformers %s: the decoder loop was copied from %s; run the exactness tests before trusting results",
+            transformers.__version__,
+            TESTED_TRANSFORMERS,
+        )
+
+
+# ----------------------------------------------------------------------------- top-level hooks
+def _past_length(cache: Any) -> int:
+    return cache.get_seq_length() if cache is not None else 0
+
+
+def _make_pre_hook(state: PruneState):
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if not state.config.active:
+            return args, kwargs
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        past = kwargs.get("past_key_values")
+        if _past_length(past) == 0:
+            # A new prompt: forget the last one's cache bookkeeping.
+            state.cache_pruned, state.next_positions, state.prefill = False, None, None
+            state.trace = module.prune_trace = []
+            if input_ids is not None:
+                _check_batch(input_ids.shape[0])
+                segments = _find_segments(state, module, input_ids, kwargs)
+                if segments:
+                    sw = Stopwatch(input_ids.device, state.config.time_prefill).start()
+                    state.prefill = _Prefill(segments=segments, n_prompt=input_ids.shape[1], stopwatch=sw)
+            elif kwargs.get("pixel_values") is not None:
+                raise ValueError("pruning needs input_ids to locate the image tokens (got inputs_embeds only)")
+        elif state.cache_pruned and kwargs.get("position_ids") is None:
+            # After a pruned prefill the cache is shorter than the prompt, so a model that derives
+            # positions from the cache length would restart too early: continue from the unpruned length.
+            q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+            kwargs["position_ids"] = state.next_positions + torch.arange(q, device=state.next_positions.device)
+        return args, kwargs
+
+    return pre_hook
+
+
+def _make_post_hook(state: PruneState):
+    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        prefill, state.prefill = state.prefill, None
+        if prefill is None:
+            return output
+        state.samples += 1
+        ms = prefill.stopwatch.ms if prefill.stopwatch else None
+        n_visual = sum(s.n_orig for s in prefill.segments)
+        record = {
+            "sample": state.samples,
+            "prefill_ms": ms,
+            "n_prompt": prefill.n_prompt,
+            "n_visual": n_visual,
+            "n_visual_final": sum(int(s.alive.numel()) for s in prefill.segments),
+            "events": [e.as_dict() for e in state.trace],
+        }
+        if state.sink is not None:
+            state.sink.write_sample(record, state.config)
+        if state.on_sample is not None:
+            state.on_sample(record)
+        return output
+
+    return post_hook
+
+
+def _check_batch(batch: int) -> None:
+    if batch != 1:
+        raise ValueError(
+            f"token pruning runs one prompt at a time (batch size 1, the UniPruneBench protocol); got a batch of {batch}"
+        )
+
+
+def _find_segments(state: PruneState, model: nn.Module, input_ids: torch.Tensor, kwargs: Mapping[str, Any]) -> list[_Segment]:
+    is_image = input_ids[0] == state.family.image_token_id(model)
+    where = torch.nonzero(is_image).flatten()
+    if where.numel() == 0:
+        return []
+    layout = state.family.image_layout(model, kwargs)
+    if not layout:  # unknown: every run of consecutive image tokens is an image
+        breaks = torch.nonzero(where[1:] != where[:-1] + 1).flatten() + 1
+        sizes = torch.diff(torch.cat([where.new_tensor([0]), breaks, where.new_tensor([where.numel()])])).tolist()
+        layout = [(n, None) for n in sizes]
+    if sum(n for n, _ in layout) != where.numel():
+        raise ValueError(
+            f"{where.numel()} image tokens in the prompt but the images account for {sum(n for n, _ in layout)}"
+        )
+    segments, start = [], 0
+    for n, grid in layout:
+        seq = where[start : start + n]
+        segments.append(_Segment(n_orig=n, grid=grid, orig_seq=seq, alive=torch.arange(n, device=seq.device)))
+        start += n
+    return segments
+
+
+# ----------------------------------------------------------------------------- the decoder loop
+def _make_decoder_forward(state: PruneState):
+    def forward(
+        self: nn.Module,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        call = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        if not state.config.active or (state.prefill is None and not state.cache_pruned):
+            return state.original_forward(**call)
+        return _decoder_forward(self, state, **call)
+
+    return forward
+
+
+def _decoder_forward(
+    text: nn.Module,
+    state: PruneState,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    past_key_values: Any = None,
+    inputs_embeds: torch.Tensor | None = None,
+    use_cache: bool | None = None,
+    **kwargs: Any,
+) -> BaseModelOutputWithPast:
+    """The decoder forward with pruning.
+
+    Copied from ``Qwen2_5_VLTextModel.forward`` / ``LlamaModel.forward`` / ``Qwen2Model.forward``
+    (transformers 5.23.0; identical apart from position handling, which :meth:`Family.positions`
+    carries) with these modifications, each fenced ``# ---- change ---- / # ---- end ----``:
+      1. batch 1 without padding only; masks are built per layer from that layer's cache length;
+      2. pre-LLM pruning before layer 0 and intra-LLM pruning at the input of configured layers,
+         cutting hidden states, rotary embeddings and position ids together;
+      3. the position ids of the next token are remembered for decoding after a pruned prefill.
+    """
+    if (input_ids is None) ^ (inputs_embeds is not None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if inputs_embeds is None:
+        inputs_embeds = text.embed_tokens(input_ids)
+    if use_cache and past_key_values is None:
+        past_key_values = DynamicCache(config=text.config)
+
+    # ---- change 1: batch 1, no padding, no sliding window, no captured outputs ----
+    _check_batch(inputs_embeds.shape[0])
+    if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
+        raise ValueError("pruning builds its own masks: pass a 2-D attention mask (or none)")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("pruning does not support padded prompts (batch size 1 needs no padding)")
+    if "sliding_attention" in getattr(text.config, "layer_types", ()):
+        raise NotImplementedError("pruning does not support sliding-window attention layers")
+    for flag in ("output_attentions", "output_hidden_states"):
+        if kwargs.pop(flag, False):
+            raise ValueError(f"{flag} is not available while pruning (sequence lengths differ between layers)")
+    # ---- end ----
+
+    past_len = _past_length(past_key_values)
+    rope_pos, layer_pos = state.family.positions(text, position_ids, inputs_embeds, past_len)
+    hidden = inputs_embeds
+    cos, sin = text.rotary_emb(hidden, rope_pos)
+
+    # ---- change 2: the pruning schedule of this forward (only a prefill prunes) ----
+    prefill = state.prefill
+    plan: dict[int, list[tuple[str, float, str]]] = {}
+    if prefill is not None:
+        if past_len:
+            raise NotImplementedError("pruning a prompt that continues an existing cache is not supported")
+        cfg = state.config
+        if cfg.pre_method:
+            plan.setdefault(0, []).append(("pre_llm", cfg.keep_ratio, cfg.pre_method))
+        for spec in cfg.intra:
+            plan.setdefault(spec.layer, []).append(("intra_llm", spec.ratio, spec.method))
+        seq_index = torch.arange(hidden.shape[1], device=hidden.device)  # [L'] -> index in the unpruned prompt
+    prev_input: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # ---- end ----
+
+    impl = text.config._attn_implementation
+    for i, layer in enumerate(text.layers[: text.config.num_hidden_layers]):
+        # ---- change 2 (cont.): cut at this layer's input ----
+        for stage, ratio, name in plan.get(i, ()):
+            keep_seq = _prune_step(state, text, prefill, seq_index, hidden, cos, sin, prev_input, stage, i, ratio, name)
+            if keep_seq is not None:
+                keep_seq, hidden = keep_seq
+                seq_index = seq_index[keep_seq]
+                cos, sin = cos.index_select(-2, keep_seq), sin.index_select(-2, keep_seq)
+                rope_pos = rope_pos.index_select(-1, keep_seq)
+                layer_pos = layer_pos.index_select(-1, keep_seq) if layer_pos is not None else None
+        if prefill is not None:
+            prev_input = (hidden, cos, sin)
+        # ---- end ----
+        # ---- change 1 (cont.): this layer's mask from its own cache length ----
+        q_len = hidden.shape[1]
+        kv_len = q_len + (past_key_values.get_seq_length(i) if past_key_values is not None else 0)
+        mask = _causal_mask(q_len, kv_len, impl, hidden)
+        # ---- end ----
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=(cos, sin),
+            position_ids=layer_pos,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    hidden = text.norm(hidden)
+
+    # ---- change 3: remember where decoding continues ----
+    if prefill is not None:
+        state.cache_pruned = True
+    # In the format this forward received (the top-level model passes it through unchanged).
+    state.next_positions = (position_ids if position_ids is not None else rope_pos)[..., -1:] + 1
+    # ---- end ----
+    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+
+def _causal_mask(q_len: int, kv_len: int, impl: str, like: torch.Tensor) -> torch.Tensor | None:
+    """The mask of ``q_len`` queries that end a ``kv_len``-long (per-layer) key sequence.
+
+    ``None`` where the kernel's own causal flag is exact: sdpa / flash with ``q_len == kv_len``
+    (no cache yet) and any implementation for a single query (it sees every cached key).
+    """
+    if q_len == 1 or (q_len == kv_len and impl != "eager"):
+        return None
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=like.device).tril(kv_len - q_len)
+    if impl == "eager":
+        mask = torch.zeros(q_len, kv_len, dtype=like.dtype, device=like.device)
+        return mask.masked_fill(~allowed, torch.finfo(like.dtype).min)[None, None]
+    if impl == "sdpa":
+        return allowed[None, None]
+    raise NotImplementedError(f"pruning with attn_implementation={impl!r} needs q_len == kv_len or a single query")
+
+
+# ----------------------------------------------------------------------------- one pruning event
+def _prune_step(
+    state: PruneState,
+    text: nn.Module,
+    prefill: _Prefill,
+    seq_index: torch.Tensor,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    prev_input: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    stage: str,
+    layer: int,
+    ratio: float,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Run ``name`` on every image; returns ``(kept sequence indices [L'], hidden [1, L', D])`` or None."""
+    method = methods.get_method(name)
+    args = state.config.args_for(name)
+    # Where each image's survivors sit in the current sequence.
+    pos_in_seq = torch.full((prefill.n_prompt,), -1, dtype=torch.long, device=hidden.device)
+    pos_in_seq[seq_index] = torch.arange(len(seq_index), device=hidden.device)
+    local = [pos_in_seq[s.orig_seq[s.alive]] for s in prefill.segments]
+    budgets = [min(int(s.alive.numel()), methods.budget(s.n_orig, ratio)) for s in prefill.segments]
+    if all(k == s.alive.numel() for k, s in zip(budgets, prefill.segments)):
+        return None  # nothing to cut (ratio 1, or the survivors already fit)
+
+    sw = Stopwatch(hidden.device, state.config.time_method).start()
+    shared = _compute_needs(method.needs, state, text, layer, hidden, cos, sin, prev_input)
+    keep_seq = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
+    new_hidden = hidden
+    images = []
+    for img, (seg, idx, keep) in enumerate(zip(prefill.segments, local, budgets)):
+        n = int(idx.numel())
+        if keep >= n:
+            images.append((n, n))
+            continue
+        extras = {k: v(idx) if callable(v) else v for k, v in shared.items()}
+        ctx = methods.PruneContext(
+            features=hidden[0, idx],
+            stage=stage,
+            layer=layer if stage == "intra_llm" else None,
+            positions=seq_index[idx],
+            token_index=seg.alive,
+            n_orig=seg.n_orig,
+            grid=seg.grid,
+            image_index=img,
+            generator=state.generator,
+            extras=extras,
+        )
+        kept, merged = methods.check_selection(method, method.fn(ctx, keep, **args), n, keep)
+        kept = kept.to(idx.device)
+        if merged is not None:
+            if new_hidden is hidden:
+                new_hidden = hidden.clone()
+            new_hidden[0, idx[kept]] = merged.to(hidden.dtype)
+        drop = torch.ones(n, dtype=torch.bool, device=idx.device)
+        drop[kept] = False
+        keep_seq[idx[drop]] = False
+        seg.alive = seg.alive[kept]
+        images.append((n, int(kept.numel())))
+    sw.stop()
+
+    kept_seq = torch.nonzero(keep_seq).flatten()
+    survivors = sorted(int(p) for s in prefill.segments for p in s.orig_seq[s.alive])
+    state.trace.append(
+        Event(
+            stage=stage,
+            layer=layer if stage == "intra_llm" else None,
+            method=name,
+            n_in=sum(n for n, _ in images),
+            n_keep=sum(k for _, k in images),
+            kept=survivors,
+            images=images,
+            ms=sw.ms,
+        )
+    )
+    return kept_seq, new_hidden.index_select(1, kept_seq)
+
+
+# ----------------------------------------------------------------------------- method inputs
+def _compute_needs(
+    needs: tuple[str, ...],
+    state: PruneState,
+    text: nn.Module,
+    layer: int,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    prev_input: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> dict[str, Any]:
+    """The inputs ``needs`` asks for; per-image ones are callables of that image's sequence indices."""
+    out: dict[str, Any] = {}
+    for need in needs:
+        if need == "last_query_attention_prev":
+            if prev_input is None:
+                raise ValueError("last_query_attention_prev needs a previous layer (prune at layer >= 1)")
+            attn = last_query_attention(state.family, text.layers[layer - 1], *prev_input)
+            out[need] = lambda idx, a=attn: a[:, idx]
+        elif need == "last_query_attention_self":
+            attn = last_query_attention(state.family, text.layers[layer], hidden, cos, sin)
+            out[need] = lambda idx, a=attn: a[:, idx]
+        elif need == "text_features":
+            # "Text" is every token after the image (question + assistant prefix), as in METHODS.md.
+            out[need] = lambda idx, h=hidden: h[0, int(idx.max()) + 1 :]
+        else:  # registry validation makes this unreachable
+            raise KeyError(need)
+    return out
+
+
+@torch.no_grad()
+def last_query_attention(family: Family, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``[H, L]``: softmax attention of the last token over all ``L`` tokens, from ``layer``'s own
+    ``input_layernorm``, ``q_proj``/``k_proj`` and RoPE (what eager attention would return as that
+    layer's last attention row, averaged over nothing). ``hidden`` is ``[1, L, D]``, the layer's input.
+    """
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    hd = attn.head_dim
+    q = attn.q_proj(x[:, -1:]).view(1, 1, -1, hd).transpose(1, 2)  # [1, H, 1, hd]
+    k = attn.k_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)  # [1, KV, L, hd]
+    q = family.apply_rotary(q, cos[:, -1:], sin[:, -1:])
+    k = family.apply_rotary(k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: each KV head serves a group
+    scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # [1, H, 1, L]
+    return scores.softmax(dim=-1)[0, :, 0]

@@ -1,0 +1,67 @@
+"""An independent reference for the exactness tests: the UNPATCHED model's own modules run
+without cache, layer by layer, on a sequence from which the dropped tokens are removed at the
+layer where the harness removed them (kept tokens keeping their original position ids).
+
+It shares no code with the engine: positions come from the model's own position logic on the
+full sequence, rotary embeddings are computed directly for the kept positions, and every layer
+sees a plain causal sequence (no cache, no hand-built mask).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def reference_logits(family, model, inputs: dict, ids: torch.Tensor, drops: dict[int, list[int]]) -> torch.Tensor:
+    """Logits ``[L_alive, V]`` of the last layer for the full token sequence ``ids`` ``[1, L]``.
+
+    ``drops[layer]`` lists the visual positions (indices into the original prompt) that survive
+    from ``layer`` on; non-visual tokens always survive. ``family`` supplies ``embed`` and
+    ``positions`` for the model family.
+    """
+    text = model.model.language_model
+    hidden = family.embed(model, inputs, ids)  # [1, L, D]
+    pos = family.positions(model, inputs, ids)  # rotary position ids, seq on the last dim
+    visual = family.visual_mask(model, ids)  # [L] bool
+    alive = torch.arange(ids.shape[1])
+    for i, layer in enumerate(text.layers):
+        if i in drops:
+            keep = set(drops[i])
+            sel = torch.tensor([j for j, p in enumerate(alive.tolist()) if not visual[p] or p in keep])
+            hidden, alive = hidden[:, sel], alive[sel]
+        cos, sin = text.rotary_emb(hidden, pos[..., alive])
+        mask = None  # sdpa: its own causal flag
+        if text.config._attn_implementation == "eager":  # eager applies no causality by itself
+            n = hidden.shape[1]
+            mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None)
+    return model.lm_head(text.norm(hidden))[0], alive
+
+
+def drops_from_trace(trace) -> dict[int, list[int]]:
+    """The trace's survivors per layer (pre-LLM events act at layer 0)."""
+    return {(0 if e.layer is None else e.layer): e.kept for e in trace}
+
+
+class QwenRef:
+    @staticmethod
+    def embed(model, inputs, ids):
+        inner = model.model
+        emb = inner.get_input_embeddings()(ids)
+        feats = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        feats = torch.cat(feats, dim=0)
+        mask = (ids == model.config.image_token_id).unsqueeze(-1)
+        return emb.masked_scatter(mask, feats)
+
+    @staticmethod
+    def positions(model, inputs, ids):
+        types = torch.zeros_like(ids)
+        n = inputs["mm_token_type_ids"].shape[1]
+        types[:, :n] = inputs["mm_token_type_ids"]
+        pos, _ = model.model.get_rope_index(ids, image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=types)
+        return pos  # [3, 1, L]
+
+    @staticmethod
+    def visual_mask(model, ids):
+        return ids[0] == model.config.image_token_id
