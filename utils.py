@@ -307,9 +307,8 @@ def _check_names(env: Mapping[str, str]) -> None:
     for name in env:
         if name in KNOWN_VARS:
             continue
-        checked = name.startswith(_CHECKED_PREFIXES)
         close = difflib.get_close_matches(name, KNOWN_VARS, n=1, cutoff=0.8)
-        if checked or (close and name.endswith("_TIME")) or (close and name.startswith("INTRA")):
+        if name.startswith(_CHECKED_PREFIXES) or difflib.get_close_matches(name, KNOWN_VARS, n=1, cutoff=0.85):
             hint = f"did you mean {close[0]}?" if close else f"known variables: {', '.join(KNOWN_VARS)}"
             raise ConfigError(f"unknown pruning variable {name}: {hint} (unset {name} to continue)")
 

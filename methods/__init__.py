@@ -278,7 +278,8 @@ def get_method(name: str) -> PruneMethod:
     if name in methods:
         return methods[name]
     close = difflib.get_close_matches(name, list(methods), n=3, cutoff=0.6)
-    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    close += [m for m in sorted(methods) if m.startswith(name) and m not in close][: 3 - len(close)]
+    hint = f" did you mean {' or '.join(close)}?" if close else ""
     raise UnknownMethodError(f"unknown pruning method {name!r}.{hint} Registered: {', '.join(sorted(methods))}")
 
 
