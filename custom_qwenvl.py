@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 import prune_engine
+from transformers import Qwen2_5_VLForConditionalGeneration as MODEL_CLASS  # noqa: N812 (after prune_engine: CPU torchvision fix)
 from utils import PruneConfig, TimingSink
+
+# The names users type (VLMEvalKit's) -> Hugging Face checkpoints.
+CHECKPOINTS = {
+    "Qwen2.5-VL-3B-Instruct": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "Qwen2.5-VL-7B-Instruct": "Qwen/Qwen2.5-VL-7B-Instruct",
+}
 
 
 class QwenVLFamily(prune_engine.Family):

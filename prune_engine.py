@@ -124,7 +124,7 @@ class _Prefill:
 
     segments: list[_Segment]
     n_prompt: int
-    stopwatch: Stopwatch | None = None
+    stopwatch: Stopwatch
 
 
 @dataclass
@@ -223,22 +223,25 @@ def _past_length(cache: Any) -> int:
 
 def _make_pre_hook(state: PruneState):
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if not state.config.active:
+        cfg = state.config
+        if not (cfg.active or cfg.time_prefill):
             return args, kwargs
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         past = kwargs.get("past_key_values")
         if _past_length(past) == 0:
-            # A new prompt: forget the last one's cache bookkeeping.
+            # A new prompt: forget the last one's cache bookkeeping. Unpruned runs with
+            # PREFILL_TIME get the same record (and timing) as pruned ones, for side-by-side ratios.
             state.cache_pruned, state.next_positions, state.prefill = False, None, None
             state.trace = module.prune_trace = []
-            if input_ids is not None:
+            if input_ids is None:
+                if cfg.active and kwargs.get("pixel_values") is not None:
+                    raise ValueError("pruning needs input_ids to locate the image tokens (got inputs_embeds only)")
+                return args, kwargs
+            if cfg.active:
                 _check_batch(input_ids.shape[0])
-                segments = _find_segments(state, module, input_ids, kwargs)
-                if segments:
-                    sw = Stopwatch(input_ids.device, state.config.time_prefill).start()
-                    state.prefill = _Prefill(segments=segments, n_prompt=input_ids.shape[1], stopwatch=sw)
-            elif kwargs.get("pixel_values") is not None:
-                raise ValueError("pruning needs input_ids to locate the image tokens (got inputs_embeds only)")
+            segments = _find_segments(state, module, input_ids, kwargs) if input_ids.shape[0] == 1 else []
+            sw = Stopwatch(input_ids.device, cfg.time_prefill).start()
+            state.prefill = _Prefill(segments=segments, n_prompt=input_ids.shape[1], stopwatch=sw)
         elif state.cache_pruned and kwargs.get("position_ids") is None:
             # After a pruned prefill the cache is shorter than the prompt, so a model that derives
             # positions from the cache length would restart too early: continue from the unpruned length.
@@ -255,7 +258,8 @@ def _make_post_hook(state: PruneState):
         if prefill is None:
             return output
         state.samples += 1
-        ms = prefill.stopwatch.ms if prefill.stopwatch else None
+        prefill.stopwatch.stop()
+        ms = prefill.stopwatch.ms
         n_visual = sum(s.n_orig for s in prefill.segments)
         record = {
             "sample": state.samples,
@@ -324,7 +328,8 @@ def _make_decoder_forward(state: PruneState):
             use_cache=use_cache,
             **kwargs,
         )
-        if not state.config.active or (state.prefill is None and not state.cache_pruned):
+        prunes_now = state.prefill is not None and bool(state.prefill.segments)
+        if not state.config.active or not (prunes_now or state.cache_pruned):
             return state.original_forward(**call)
         return _decoder_forward(self, state, **call)
 
@@ -377,8 +382,8 @@ def _decoder_forward(
     hidden = inputs_embeds
     cos, sin = text.rotary_emb(hidden, rope_pos)
 
-    # ---- change 2: the pruning schedule of this forward (only a prefill prunes) ----
-    prefill = state.prefill
+    # ---- change 2: the pruning schedule of this forward (only a prefill with images prunes) ----
+    prefill = state.prefill if state.prefill is not None and state.prefill.segments else None
     plan: dict[int, list[tuple[str, float, str]]] = {}
     if prefill is not None:
         if past_len:
