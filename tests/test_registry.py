@@ -146,3 +146,10 @@ def test_random_is_deterministic_per_generator_state():
     a = m.fn(ctx_for(torch.zeros(50, 2)), 10)
     b = m.fn(ctx_for(torch.zeros(50, 2)), 10)  # a fresh generator with the same seed
     assert torch.equal(a, b) and len(set(a.tolist())) == 10
+
+
+def test_readme_method_table_is_current():
+    from scripts.method_table import readme_with_table
+
+    readme = (METHODS_DIR.parent / "README.md").read_text()
+    assert readme_with_table(readme) == readme, "run: python -m scripts.method_table --write"

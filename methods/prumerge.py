@@ -1,0 +1,115 @@
+"""LLaVA-PruMerge: adaptive [CLS]-attention outlier selection plus key-similarity merging (Shang et al., 2024).
+
+Not registered yet: the engine does not provide the CLIP internals it needs (layer-23 q/k
+projections and the penultimate features, before the projector), and its output has one more
+token than it keeps indices for (see :func:`prumerge_select`). The functions here are the
+selection and merge on explicit tensors. Paper: https://arxiv.org/abs/2403.15388; original:
+42Shawn/LLaVA-PruMerge @097c041, ``llava/model/multimodal_encoder/clip_encoder.py ::
+token_prune_merge_advanced`` (l.85). PruMerge+ is in :mod:`methods.prumerge_plus`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least fp32 (fp64 stays fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+KNN = 32  # neighbours merged into every kept token (hard-coded in the original)
+
+
+class PruMergeOutput(NamedTuple):
+    """``indices [K]`` kept tokens in the original's output order; ``merged [K, C]`` their new
+    features (same order); ``extra [C]`` the summary of the pruned tokens the original appends last
+    (output length K + 1)."""
+
+    indices: torch.Tensor
+    merged: torch.Tensor
+    extra: torch.Tensor
+
+
+def prumerge_cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[CLS] attention over the patches, rebuilt as the original does from layer-23 projections.
+
+    Args:
+        q: ``[N + 1, C]`` output of CLIP layer 23's ``self_attn.q_proj`` (a forward hook: bias
+            included, no head split, no HF scaling), [CLS] first.
+        k: ``[N + 1, C]`` output of the same layer's ``k_proj``.
+
+    Returns:
+        ``[N]`` softmax(q k^T * C^-1/2)[0, 1:]: one full-width "head" over all N + 1 keys, so it does
+        not sum to 1 (the [CLS] key takes part in the softmax).
+    """
+    c = q.shape[-1]
+    logits = (_up(q[0]) @ _up(k).T) * c**-0.5  # [N + 1]
+    return torch.softmax(logits, dim=-1)[1:]
+
+
+def prumerge_outlier_ratio(cls_attn: torch.Tensor) -> float:
+    """IQR outlier share of ``cls_attn`` ``[N]``: #(a > Q3 + 1.5 IQR) / N, numpy linear percentiles."""
+    a = cls_attn.detach().to(dtype=torch.float32).cpu().numpy().reshape(-1)
+    q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
+    return len(np.where(a > q3 + 1.5 * (q3 - q1))[0]) / len(a)
+
+
+def prumerge_merge(
+    features: torch.Tensor, keys: torch.Tensor, cls_attn: torch.Tensor, idx: torch.Tensor, *, knn: int = KNN
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge every token into the kept ones as the original does.
+
+    Args:
+        features: ``[N, C]`` penultimate CLIP patch features (``hidden_states[-2][:, 1:]``).
+        keys: ``[N, C]`` layer-23 ``k_proj`` outputs of the patches (``k[1:]``).
+        cls_attn: ``[N]`` from :func:`prumerge_cls_attention`.
+        idx: ``[K]`` kept token indices, in output order.
+        knn: neighbours per kept token (32, fixed in the original).
+
+    Returns:
+        ``(merged [K, C], extra [C])``. For kept token i the candidates are every other token (the
+        other kept ones and all pruned ones); the ``knn`` with the highest cosine similarity of
+        L2-normalised keys are merged as ``new_i = x_i + sum_j a_j x_j`` (an UNnormalised sum
+        weighted by [CLS] attention; the original has ``/ sum(weights)`` commented out), always from
+        the original features. ``extra = sum over pruned j of a_j x_j``.
+
+    The original lists candidates as [kept before i, kept after i, pruned ascending]; only the set
+    of the top ``knn`` matters (up to ``topk`` ties and summation order, so merged features are
+    allclose to the original's, not bitwise). Fewer than ``knn`` candidates (N <= 32) merge them all.
+    """
+    n = features.shape[0]
+    x = features
+    w = cls_attn.to(x.dtype)
+    kn = F.normalize(keys.to(x.dtype), p=2, dim=-1)
+    sim = kn[idx] @ kn.T  # [K, N]
+    sim[torch.arange(idx.numel(), device=idx.device), idx] = float("-inf")  # a token is not its own neighbour
+    nbr = sim.topk(min(knn, n - 1), dim=1).indices  # [K, knn]
+    merged = x[idx] + (x[nbr] * w[nbr].unsqueeze(-1)).sum(dim=1)  # [K, C]
+    pruned = torch.ones(n, dtype=torch.bool, device=x.device)
+    pruned[idx] = False
+    extra = (x[pruned] * w[pruned].unsqueeze(-1)).sum(dim=0)  # [C]
+    return merged, extra
+
+
+def prumerge_select(features: torch.Tensor, keys: torch.Tensor, cls_attn: torch.Tensor) -> PruMergeOutput:
+    """PruMerge (``token_prune_merge_advanced`` with ``if_adaptive=True``): outliers, then merge.
+
+    Args:
+        features: ``[N, C]``, keys: ``[N, C]``, cls_attn: ``[N]`` as in :func:`prumerge_merge`.
+
+    Returns:
+        :class:`PruMergeOutput`: ``indices`` = the top ``int(N * ratio)`` tokens by [CLS] attention in
+        DESCENDING attention order (not sorted; the original feeds them to the LLM in that order
+        with sequential positions), ratio = :func:`prumerge_outlier_ratio`; their merged features;
+        and the extra token. With no outliers K = 0 and only the extra token remains.
+    """
+    n = features.shape[0]
+    ratio = prumerge_outlier_ratio(cls_attn)
+    idx = cls_attn.topk(int(n * ratio)).indices
+    merged, extra = prumerge_merge(features, keys, cls_attn, idx)
+    return PruMergeOutput(idx, merged, extra)

@@ -1,0 +1,59 @@
+"""LLaVA-PruMerge+: PruMerge plus spatially uniform samples (Shang et al., 2024).
+
+Not registered yet, for the reasons given in :mod:`methods.prumerge`. Paper:
+https://arxiv.org/abs/2403.15388; original: 42Shawn/LLaVA-PruMerge @097c041,
+``llava/model/multimodal_encoder/clip_encoder.py :: token_prune_merge_advanced_plus`` (l.174),
+the variant the repository's ``forward`` calls (l.295).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from methods.prumerge import PruMergeOutput, prumerge_merge, prumerge_outlier_ratio
+
+
+def prumerge_plus_samples(idx: torch.Tensor, ratio: float, n: int) -> torch.Tensor:
+    """The spatial samples PruMerge+ appends to the outliers ``idx`` ``[K]``.
+
+    Returns:
+        ``[S]`` ``[s for s in range(0, n - 1, stride) if s not in idx]``, ascending, with
+        ``stride = int(int(1 / ratio) / 3)``.
+
+    Quirks of the original, and what this port does:
+
+    * the upper end is a hard-coded ``575`` (= N - 1 for CLIP-L/336); here it is ``n - 1``, equal for
+      N = 576, so the last token (index N - 1) is never a sample, as in the original;
+    * no outliers (ratio 0) divides by zero there; here it is the limit of ever-smaller ratios, an
+      infinite stride: the only sample is token 0;
+    * ratio > 1/3 makes the stride 0 and ``arange`` fail; here the stride is clamped to 1 (every
+      token but the last).
+    """
+    if ratio > 0:
+        stride = max(1, int(int(1 / ratio) / 3))
+    else:
+        stride = n  # only 0
+    taken = set(idx.tolist())
+    return torch.tensor([s for s in range(0, n - 1, stride) if s not in taken], dtype=torch.long, device=idx.device)
+
+
+def prumerge_plus_select(features: torch.Tensor, keys: torch.Tensor, cls_attn: torch.Tensor) -> PruMergeOutput:
+    """PruMerge+ (``token_prune_merge_advanced_plus`` with ``if_adaptive=True``).
+
+    Args:
+        features: ``[N, C]`` penultimate CLIP patch features (``hidden_states[-2][:, 1:]``).
+        keys: ``[N, C]`` layer-23 ``k_proj`` outputs of the patches.
+        cls_attn: ``[N]`` from :func:`methods.prumerge.prumerge_cls_attention`.
+
+    Returns:
+        :class:`~methods.prumerge.PruMergeOutput`: ``indices`` = the ``int(N * ratio)`` outliers in
+        descending attention order followed by :func:`prumerge_plus_samples` (ascending); their
+        merged features (every kept token, samples included, absorbs its 32 nearest neighbours by
+        key cosine, weighted by [CLS] attention); and the extra token summarising the tokens left.
+    """
+    n = features.shape[0]
+    ratio = prumerge_outlier_ratio(cls_attn)
+    idx = cls_attn.topk(int(n * ratio)).indices
+    idx = torch.cat([idx, prumerge_plus_samples(idx, ratio, n)])
+    merged, extra = prumerge_merge(features, keys, cls_attn, idx)
+    return PruMergeOutput(idx, merged, extra)
