@@ -12,7 +12,7 @@ How it attaches to a model (:func:`patch`), per model instance, nothing at impor
   * a forward pre-hook / hook pair on the top-level model finds the image spans in ``input_ids``
     before each prefill, times the prefill and files the sample's record afterwards.
 
-Guarantees (each is a test in ``tests/test_engine_qwen.py``):
+Guarantees (each is a test in ``tests/test_engine.py``):
   * Kept tokens keep their original positions (Qwen's 3-D M-RoPE ids included); decoding
     continues from the unpruned length, as the unpatched model would.
   * Prefill logits and every decode step equal those of the unpatched model run without cache on

@@ -85,3 +85,153 @@ def qwen_inputs(grids=((1, 8, 8),), text=(5, 7), seed: int = 0, between: int = 3
         "image_grid_thw": torch.tensor(grids),
         "mm_token_type_ids": torch.tensor([types]),
     }
+
+
+# ----------------------------------------------------------------------------- InternVL3 (HF-native)
+# The tiny InternVL reuses the special ids above: IMAGE_ID is the image context token
+# (``<IMG_CONTEXT>``), VISION_START_ID / VISION_END_ID stand for ``<img>`` / ``</img>``.
+INTERNVL_TILE_PX = 112  # the real model's tiles are 448 px
+INTERNVL_PATCH = 14
+INTERNVL_DOWNSAMPLE = 0.5
+INTERNVL_SIDE = int(INTERNVL_TILE_PX // INTERNVL_PATCH * INTERNVL_DOWNSAMPLE)  # 4 tokens a side
+INTERNVL_TOKENS_PER_TILE = INTERNVL_SIDE**2  # 16 (the real model: 256)
+
+
+def tiny_internvl_config(layers: int = 4, kv_heads: int = 2, attn: str = "sdpa"):
+    """An ``InternVLConfig`` with a Qwen2 decoder (hidden 64, GQA) and a 2-layer InternViT on
+    112-px tiles (8x8 patches, pixel-shuffled to 4x4 = 16 tokens a tile)."""
+    from transformers import InternVLConfig
+
+    cfg = InternVLConfig(
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=4096,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=INTERNVL_TILE_PX,
+            patch_size=INTERNVL_PATCH,
+        ),
+        image_token_id=IMAGE_ID,
+        image_seq_length=INTERNVL_TOKENS_PER_TILE,
+        downsample_ratio=INTERNVL_DOWNSAMPLE,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    cfg._attn_implementation = attn
+    cfg.text_config._attn_implementation = attn
+    cfg.vision_config._attn_implementation = attn
+    return cfg
+
+
+def tiny_internvl(seed: int = 0, **kw):
+    from transformers import InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return InternVLForConditionalGeneration(tiny_internvl_config(**kw)).eval()
+
+
+def internvl_inputs(tiles=(3,), text=(5, 7), seed: int = 0, between: int = 3) -> dict[str, torch.Tensor]:
+    """A prompt ``text[0] tokens, <img><IMG_CONTEXT>...</img>, text[1] tokens`` with random pixels,
+    as ``InternVLProcessor`` builds it. ``tiles[i]`` is image ``i``'s tile count (the real
+    processor gives 1, or ``n >= 2`` crops plus a thumbnail, the last tile); each tile has
+    :data:`INTERNVL_TOKENS_PER_TILE` context tokens, all tiles of an image in one run. Several
+    images are separated by ``between`` text tokens. ``pixel_values``: ``[sum(tiles), 3, 112, 112]``."""
+    g = torch.Generator().manual_seed(seed)
+    ids: list[int] = torch.randint(10, 400, (text[0],), generator=g).tolist()
+    for n, t in enumerate(tiles):
+        if n:
+            ids += torch.randint(10, 400, (between,), generator=g).tolist()
+        ids += [VISION_START_ID] + [IMAGE_ID] * (t * INTERNVL_TOKENS_PER_TILE) + [VISION_END_ID]
+    ids += torch.randint(10, 400, (text[1],), generator=g).tolist()
+    return {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "pixel_values": torch.randn(sum(tiles), 3, INTERNVL_TILE_PX, INTERNVL_TILE_PX, generator=g),
+    }
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.5
+LLAVA_IMAGE_PX = 56  # the real model: 336
+LLAVA_PATCH = 14
+LLAVA_SIDE = LLAVA_IMAGE_PX // LLAVA_PATCH  # 4 (the real model: 24)
+LLAVA_TOKENS = LLAVA_SIDE**2  # 16 visual tokens an image (CLS dropped; the real model: 576)
+
+
+def tiny_llava_config(layers: int = 4, kv_heads: int = 2, attn: str = "sdpa", select_strategy: str = "default"):
+    """A ``LlavaConfig`` with a LLaMA decoder (hidden 64, GQA) and a 2-layer CLIP ViT on 56-px
+    images (4x4 patches + CLS; features of the penultimate layer, CLS dropped: 16 tokens;
+    ``select_strategy="full"`` keeps CLS: 17)."""
+    from transformers import LlavaConfig
+
+    cfg = LlavaConfig(
+        text_config=dict(
+            model_type="llama",
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=4096,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=LLAVA_IMAGE_PX,
+            patch_size=LLAVA_PATCH,
+            projection_dim=32,
+        ),
+        image_token_index=IMAGE_ID,
+        image_seq_length=LLAVA_TOKENS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy=select_strategy,
+    )
+    cfg._attn_implementation = attn
+    cfg.text_config._attn_implementation = attn
+    cfg.vision_config._attn_implementation = attn
+    return cfg
+
+
+def tiny_llava(seed: int = 0, **kw):
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(tiny_llava_config(**kw)).eval()
+
+
+def llava_inputs(
+    images: int = 1, text=(5, 7), seed: int = 0, between: int = 3, tokens: int = LLAVA_TOKENS
+) -> dict[str, torch.Tensor]:
+    """A prompt ``text[0] tokens, <image> x tokens, text[1] tokens`` with random pixels, as
+    ``LlavaProcessor`` expands it (``tokens``: 16, or 17 for ``vision_feature_select_strategy=
+    "full"``, which keeps CLS); several images are separated by ``between`` text tokens.
+    ``pixel_values``: ``[images, 3, 56, 56]``."""
+    g = torch.Generator().manual_seed(seed)
+    ids: list[int] = torch.randint(10, 400, (text[0],), generator=g).tolist()
+    for n in range(images):
+        if n:
+            ids += torch.randint(10, 400, (between,), generator=g).tolist()
+        ids += [IMAGE_ID] * tokens
+    ids += torch.randint(10, 400, (text[1],), generator=g).tolist()
+    return {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "pixel_values": torch.randn(images, 3, LLAVA_IMAGE_PX, LLAVA_IMAGE_PX, generator=g),
+    }

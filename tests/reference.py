@@ -65,3 +65,45 @@ class QwenRef:
     @staticmethod
     def visual_mask(model, ids):
         return ids[0] == model.config.image_token_id
+
+
+class _PlainRef:
+    """Families whose decoder takes plain 1-D position ids (LLaMA, Qwen2)."""
+
+    @staticmethod
+    def positions(model, inputs, ids):
+        # [1, L]: LlamaModel.forward / Qwen2Model.forward (transformers 5.23.0) with no cache,
+        # ``arange(L)`` unsqueezed; unchanged.
+        return torch.arange(ids.shape[1]).unsqueeze(0)
+
+    @staticmethod
+    def visual_mask(model, ids):
+        return ids[0] == model.config.image_token_id
+
+
+class InternVLRef(_PlainRef):
+    @staticmethod
+    def embed(model, inputs, ids):
+        """``[1, L, D]``: from ``InternVLModel.forward`` (transformers 5.23.0): token embeddings,
+        the projected tile features ``[T, 16, D]`` scattered into the context tokens in order;
+        changed: no placeholder-count check, ``ids`` may run past the prompt (decoded tokens)."""
+        inner = model.model
+        emb = inner.get_input_embeddings()(ids)
+        feats = inner.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output  # [tiles, 16, D]
+        feats = feats.reshape(-1, feats.shape[-1])
+        mask = (ids == model.config.image_token_id).unsqueeze(-1)
+        return emb.masked_scatter(mask, feats)
+
+
+class LlavaRef(_PlainRef):
+    @staticmethod
+    def embed(model, inputs, ids):
+        """``[1, L, D]``: from ``LlavaModel.forward`` (transformers 5.23.0): token embeddings, the
+        per-image projected features (a list of ``[16, D]``) concatenated and scattered into the
+        ``<image>`` tokens; changed: no placeholder-count check, ``ids`` may run past the prompt."""
+        inner = model.model
+        emb = inner.get_input_embeddings()(ids)
+        feats = inner.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output  # [n_img] x [16, D]
+        feats = torch.cat(list(feats), dim=0)
+        mask = (ids == model.config.image_token_id).unsqueeze(-1)
+        return emb.masked_scatter(mask, feats)

@@ -1,0 +1,107 @@
+"""InternVL3 (1B / 8B) on the shared pruning engine, through transformers' HF-native
+``InternVLForConditionalGeneration`` (checkpoints ``OpenGVLab/InternVL3-1B-hf`` / ``-8B-hf``).
+
+What this family contributes (everything else is :mod:`prune_engine`):
+  * the decoder is Qwen2 (``model.model.language_model``); its position ids are the plain 1-D
+    ``[B, L]`` ids of ``Qwen2Model.forward``, so the engine's default :meth:`Family.positions`
+    applies unchanged;
+  * the visual tokens are the runs of the image context token (``config.image_token_id``,
+    ``<IMG_CONTEXT>``); image ``i`` is one run of ``n_tiles_i * tokens_per_tile`` tokens.
+
+Tiles and the budget
+--------------------
+Dynamic tiling turns an image into ``n`` 448-px crops plus a global thumbnail (the LAST tile; an
+image that fits one tile gets no thumbnail, so ``n_tiles`` is 1 or at least 3). Each tile
+gives ``(448 / 14)**2 * downsample_ratio**2 = 256`` tokens (``tokens_per_tile``; computed here from
+``pixel_values``' tile size, the vision patch size and ``config.downsample_ratio``). The pruning
+budget is per IMAGE, over all its tiles together: an image with ``N = n_tiles * 256`` tokens keeps
+``budget(N, KEEP_RATIO)`` of them, as ONE segment, and a method may keep more tokens of one tile
+than of another (the thumbnail competes with the crops).
+
+Where the tile counts come from: ``InternVLProcessor`` pops the image processor's ``num_patches``
+(tiles per image) and passes only the flat ``pixel_values`` ``[sum(n_tiles), 3, 448, 448]`` to
+the model; ``InternVLModel.forward`` has no per-image tile argument (its ``image_sizes`` is
+accepted and ignored). So per-image tile counts are NOT available at forward time. They are
+inferred, exactly for processor-built prompts: the processor writes every image as
+``<img>`` + ``<IMG_CONTEXT>`` x (256 * n_tiles) + ``</img>``, so each maximal run of context tokens
+is one image and ``n_tiles = run_length // tokens_per_tile``. :meth:`InternVLFamily.image_layout`
+returns ``(n_tokens, grid)`` per run with ``grid = (n_tiles, side, side)`` (``side = 16`` for the
+real model; ``ctx.token_index = tile * side**2 + row * side + col``, row-major within a tile as
+``InternVLModel.pixel_shuffle`` orders them). Fallbacks, documented limits:
+  * two images whose context runs touch (a hand-built prompt without ``<img>``/``</img>``) are
+    read as one image, so they share one budget;
+  * a run whose length is not a multiple of ``tokens_per_tile`` gets ``grid=None``;
+  * when ``input_ids`` reaches the model positionally (not as a keyword) the layout is "unknown"
+    and the engine's own run splitting applies (same segments, ``grid=None``);
+  * video frames use the same context token (``Frame1: <img>...</img>``): each frame is pruned as
+    a 1-tile image (the Qwen family leaves video alone; InternVL's frames cannot be told apart
+    from images at forward time).
+
+Pre-LLM pruning acts on the projector's output as it enters the decoder (the ``[N, D]`` rows of
+``inputs_embeds`` at the context tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+import prune_engine
+from utils import PruneConfig, TimingSink
+
+
+def image_runs(is_image: torch.Tensor) -> list[int]:
+    """Lengths of the maximal runs of ``True`` in ``is_image`` ``[L]`` (bool), in order (the
+    same rule as the engine's fallback in ``prune_engine._find_segments``)."""
+    where = torch.nonzero(is_image).flatten()
+    if where.numel() == 0:
+        return []
+    breaks = torch.nonzero(where[1:] != where[:-1] + 1).flatten() + 1
+    bounds = [0] + breaks.tolist() + [where.numel()]
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class InternVLFamily(prune_engine.Family):
+    name = "internvl"
+
+    def tile_grid(self, model: nn.Module, pixel_values: torch.Tensor | None) -> tuple[int, int]:
+        """``(side_h, side_w)``: a tile's token grid after pixel shuffle (16 x 16 for 448-px tiles).
+
+        From ``pixel_values`` ``[T, 3, H, W]`` when given (what the vision tower sees), else from
+        ``vision_config.image_size``. The arithmetic follows ``InternVLModel.get_image_features``
+        and ``InternVLModel.pixel_shuffle`` (transformers 5.23.0): ``H / patch`` patch tokens a side
+        (CLS dropped), times ``downsample_ratio``; changed: computed from shapes alone, without
+        running the vision tower.
+        """
+        vc = model.config.vision_config
+        size = tuple(pixel_values.shape[-2:]) if pixel_values is not None else tuple(vc.image_size)
+        ph, pw = vc.patch_size
+        r = model.config.downsample_ratio
+        return int(size[0] // ph * r), int(size[1] // pw * r)
+
+    def image_layout(self, model: nn.Module, kwargs: Mapping[str, Any]) -> list[tuple[int, tuple[int, int, int] | None]]:
+        """``[(n_tokens, (n_tiles, side_h, side_w) or None), ...]``: one entry per run of context tokens."""
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            return []  # the engine splits runs itself (grid unknown)
+        h, w = self.tile_grid(model, kwargs.get("pixel_values"))
+        per_tile = h * w
+        layout: list[tuple[int, tuple[int, int, int] | None]] = []
+        for n in image_runs(input_ids[0] == self.image_token_id(model)):
+            tiles, rest = divmod(n, per_tile)
+            layout.append((n, (tiles, h, w) if per_tile and tiles and not rest else None))
+        return layout
+
+
+FAMILY = InternVLFamily()
+
+
+def patch(model: nn.Module, config: PruneConfig | None = None, sink: TimingSink | None = None) -> nn.Module:
+    """Attach the pruning engine to an ``InternVLForConditionalGeneration`` (idempotent)."""
+    return prune_engine.patch(model, FAMILY, config, sink)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    return prune_engine.unpatch(model)
