@@ -1,0 +1,51 @@
+"""Every registered method runs on every family (the registry x the families)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import methods
+from families import FAMILIES, cfg
+
+PAIRS = [(m, f) for m in methods.names() for f in FAMILIES]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: spec.build(seed=0) for name, spec in FAMILIES.items()}
+
+
+@pytest.mark.parametrize("method, family", PAIRS, ids=[f"{m}-{f}" for m, f in PAIRS])
+@torch.no_grad()
+def test_method_runs_on_family(models, method, family):
+    spec, model = FAMILIES[family], models[family]
+    m = methods.get_method(method)
+    ratio = 0.5
+    env = (
+        dict(KEEP_RATIO=ratio, PRUNE_METHOD_PRE_LLM=method)
+        if m.stage == "pre_llm"
+        else dict(INTRA_LLM_LAYER_SPECS=f"2:{method}:{ratio}")
+    )
+    if m.families is not None and family not in m.families:
+        with pytest.raises(ValueError, match="does not apply"):
+            spec.module.patch(model, cfg(**env))
+        return
+    spec.module.patch(model, cfg(**env))
+    try:
+        inputs = spec.make_inputs(seed=0, **spec.variants["2img"])
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+        (event,) = model.prune_trace
+        assert (event.stage, event.method) == (m.stage, method)
+        assert event.layer == (None if m.stage == "pre_llm" else 2)
+        image = set(torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten().tolist())
+        assert set(event.kept) <= image and event.kept == sorted(event.kept)
+        for n_in, n_keep in event.images:  # per image: its own budget
+            if m.exact_count:
+                assert n_keep == methods.budget(n_in, ratio)
+            else:
+                assert 0 <= n_keep <= n_in
+        assert event.n_keep == len(event.kept) == sum(k for _, k in event.images)
+    finally:
+        spec.module.unpatch(model)
