@@ -547,14 +547,23 @@ def _compute_needs(
     """The inputs ``needs`` asks for; per-image ones are callables of that image's sequence indices."""
     out: dict[str, Any] = {}
     for need in needs:
+        if need in ("last_query_attention_prev", "prev_keys", "prev_text_keys") and prev_input is None:
+            raise ValueError(f"{need} needs a previous layer (prune at layer >= 1)")
         if need == "last_query_attention_prev":
-            if prev_input is None:
-                raise ValueError("last_query_attention_prev needs a previous layer (prune at layer >= 1)")
             attn = last_query_attention(state.family, text.layers[layer - 1], *prev_input)
             out[need] = lambda idx, a=attn: a[:, idx]
         elif need == "last_query_attention_self":
             attn = last_query_attention(state.family, text.layers[layer], hidden, cos, sin)
             out[need] = lambda idx, a=attn: a[:, idx]
+        elif need in ("prev_keys", "prev_text_keys"):
+            keys = layer_keys(state.family, text.layers[layer - 1], *prev_input)[0]  # [L, KV*hd]
+            out[need] = (lambda idx, k=keys: k[idx]) if need == "prev_keys" else (lambda idx, k=keys: k[int(idx.max()) + 1 :])
+        elif need == "final_normed_features":
+            out[need] = lambda idx, h=hidden: text.norm(h[0, idx])
+        elif need == "final_normed_text":
+            out[need] = lambda idx, h=hidden: text.norm(h[0, int(idx.max()) + 1 :])
+        elif need == "sequence_index":
+            out[need] = lambda idx: idx
         elif need == "text_features":
             # "Text" is every token after the image (question + assistant prefix), as in METHODS.md.
             out[need] = lambda idx, h=hidden: h[0, int(idx.max()) + 1 :]
@@ -564,18 +573,28 @@ def _compute_needs(
 
 
 @torch.no_grad()
-def last_query_attention(family: Family, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``[H, L]``: softmax attention of the last token over all ``L`` tokens, from ``layer``'s own
-    ``input_layernorm``, ``q_proj``/``k_proj`` and RoPE (what eager attention would return as that
-    layer's last attention row, averaged over nothing). ``hidden`` is ``[1, L, D]``, the layer's input.
-    """
+def layer_keys(family: Family, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``[1, L, KV*hd]``: ``layer``'s keys for its input ``hidden`` ``[1, L, D]`` (input_layernorm,
+    k_proj, RoPE), heads flattened: what the layer writes to its KV cache."""
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
+    k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)  # [1, KV, L, hd]
+    return family.apply_rotary(k, cos, sin).transpose(1, 2).flatten(2)
+
+
+@torch.no_grad()
+def last_query_attention(family: Family, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``[H, L]``: softmax attention of the last token over all ``L`` tokens, from ``layer``'s own
+    ``input_layernorm``, ``q_proj``/``k_proj`` and RoPE: the last row of the attention
+    probabilities eager attention would return for that layer. ``hidden`` is ``[1, L, D]``, the
+    layer's input.
+    """
+    attn = layer.self_attn
     hd = attn.head_dim
-    q = attn.q_proj(x[:, -1:]).view(1, 1, -1, hd).transpose(1, 2)  # [1, H, 1, hd]
-    k = attn.k_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2)  # [1, KV, L, hd]
+    x = layer.input_layernorm(hidden[:, -1:])
+    q = attn.q_proj(x).view(1, 1, -1, hd).transpose(1, 2)  # [1, H, 1, hd]
     q = family.apply_rotary(q, cos[:, -1:], sin[:, -1:])
-    k = family.apply_rotary(k, cos, sin)
+    k = layer_keys(family, layer, hidden, cos, sin).view(1, hidden.shape[1], -1, hd).transpose(1, 2)  # [1, KV, L, hd]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: each KV head serves a group
     scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # [1, H, 1, L]
     return scores.softmax(dim=-1)[0, :, 0]

@@ -65,6 +65,18 @@ NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
         "input (look-ahead; PyramidDrop's input).",
         ("intra_llm",),
     ),
+    "prev_keys": (
+        "[N, KV*hd] this image's keys at the PREVIOUS decoder layer (k_proj on its normed input, RoPE "
+        "applied, heads flattened). DART's input.",
+        ("intra_llm",),
+    ),
+    "prev_text_keys": ("[T, KV*hd] the same for the text after this image.", ("intra_llm",)),
+    "final_normed_features": (
+        "[N, D] ctx.features through the decoder's final norm (DART's cosine input).",
+        ("intra_llm",),
+    ),
+    "final_normed_text": ("[T, D] the text after this image through the decoder's final norm.", ("intra_llm",)),
+    "sequence_index": ("[N] where these tokens sit in the CURRENT (already pruned) sequence.", ("pre_llm", "intra_llm")),
     "text_features": (
         "[T, D] the states of the text tokens after this image (question + assistant prefix), at "
         "the same point as ctx.features.",

@@ -1,7 +1,6 @@
 """DART: duplication-aware token reduction with pivot tokens (Wen et al., 2025).
 
-Not registered yet: the engine does not provide its inputs (layer K-1's keys and final-normed
-hidden states of the image and of the text). :func:`dart_select` is the selection on explicit
+Registered as ``dart_intra_llm`` (:func:`dart`); :func:`dart_select` is the selection on explicit
 tensors. Paper: https://arxiv.org/abs/2502.11494; original: ZichenWen1/DART (read at
 xqy1111111/DART @5a19452, ``llava/model/language_model/modeling_llama_self.py ::
 DART.get_retained_image_token`` l.397 and ``Qwen2_5-VL/.../modeling_qwen2_5_vl_self.py`` l.1553).
@@ -13,6 +12,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from methods import PruneContext, register_prune
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -113,3 +114,35 @@ def dart_select(
         pool.difference_update(picked)
     retained.difference_update(text_pivots)
     return torch.tensor(sorted(retained), dtype=torch.long, device=image_keys.device) - image_start
+
+
+@register_prune(
+    "dart_intra_llm",
+    stage="intra_llm",
+    needs=("prev_keys", "prev_text_keys", "final_normed_features", "final_normed_text", "sequence_index"),
+    exact_count=False,
+    source="ZichenWen1/DART",
+    paper="https://arxiv.org/abs/2502.11494",
+    deviation="Pivots 4+4 in the original's set order and final-norm cosine (UniPruneBench: 10+5, "
+    "layer K's input_layernorm); per-pivot count from the harness budget: keep // 8.",
+)
+def dart(ctx: PruneContext, keep: int, *, n_pivots_image: int = 4, n_pivots_text: int = 4) -> torch.Tensor:
+    """Keep pivot tokens (largest key L1 norm) and, per pivot, the least similar image tokens.
+
+    Budget mapping (decided once): the original's per-pivot count is ``N(1-r)/8`` on Qwen and
+    ``ceil(M // 8)`` with an absolute ``M`` on LLaVA; here ``M`` is the harness budget ``keep``, so
+    each of the 8 pivots adds ``keep // 8`` tokens and DART retains ``4 + 8 * (keep // 8)`` (at most
+    ``keep + 4``; the trace reports the actual count). At the input of layer K (2 by default) it reads
+    layer K-1's keys and layer K-1's output through the final norm, as the original.
+    """
+    per_pivot = keep // (n_pivots_image + n_pivots_text)
+    return dart_select(
+        ctx["prev_keys"],
+        ctx["prev_text_keys"],
+        ctx["final_normed_features"],
+        ctx["final_normed_text"],
+        per_pivot=per_pivot,
+        image_start=int(ctx["sequence_index"][0]),
+        n_pivots_image=n_pivots_image,
+        n_pivots_text=n_pivots_text,
+    )
