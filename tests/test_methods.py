@@ -62,8 +62,10 @@ def test_registered_names_and_metadata():
     assert get_method("gprune_pre_llm").params == {"similarity": 0.5, "temperature": 0.03, "iterations": 5}
     assert get_method("pool_pre_llm").params == {"mode": "avg"}
     assert get_method("pdrop_intra_llm").needs == ("last_query_attention_self",)
+    dart = get_method("dart_intra_llm")
+    assert dart.stage == "intra_llm" and not dart.exact_count and dart.params == {"n_pivots_image": 4, "n_pivots_text": 4}
     registered = methods.names()
-    for pending in ("dart", "vispruner", "prumerge", "prumerge_plus", "visionzip", "fitprune"):
+    for pending in ("vispruner", "prumerge", "prumerge_plus", "visionzip", "fitprune"):
         assert not any(n.startswith(pending + "_") for n in registered), f"{pending} must not be registered yet"
 
 
