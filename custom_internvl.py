@@ -49,7 +49,19 @@ import torch
 from torch import nn
 
 import prune_engine
+from transformers import InternVLForConditionalGeneration as MODEL_CLASS  # noqa: N812 (after prune_engine: CPU torchvision fix)
 from utils import PruneConfig, TimingSink
+
+# The names users type (VLMEvalKit's) -> Hugging Face checkpoints (the HF-native "-hf" conversions;
+# VLMEvalKit's InternVL3-9B has an InternLM3 decoder and no "-hf" checkpoint).
+CHECKPOINTS = {
+    "InternVL3-1B": "OpenGVLab/InternVL3-1B-hf",
+    "InternVL3-2B": "OpenGVLab/InternVL3-2B-hf",
+    "InternVL3-8B": "OpenGVLab/InternVL3-8B-hf",
+    "InternVL3-14B": "OpenGVLab/InternVL3-14B-hf",
+    "InternVL3-38B": "OpenGVLab/InternVL3-38B-hf",
+    "InternVL3-78B": "OpenGVLab/InternVL3-78B-hf",
+}
 
 
 def image_runs(is_image: torch.Tensor) -> list[int]:

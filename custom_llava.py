@@ -23,10 +23,17 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 import prune_engine
+from transformers import LlavaForConditionalGeneration as MODEL_CLASS  # noqa: N812 (after prune_engine: CPU torchvision fix)
 from utils import PruneConfig, TimingSink
+
+# The names users type (VLMEvalKit's) -> Hugging Face checkpoints.
+CHECKPOINTS = {
+    "llava_v1.5_7b": "llava-hf/llava-1.5-7b-hf",
+}
 
 
 class LlavaFamily(prune_engine.Family):
@@ -48,6 +55,44 @@ class LlavaFamily(prune_engine.Family):
         strategy = kwargs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
         entry = (h * w, (1, h, w)) if strategy == "default" else (h * w + 1, None)
         return [entry] * pixel_values.shape[0]
+
+    def capture_vision(self, model: nn.Module, store: dict[str, Any]) -> list[Any]:
+        """Hooks on the CLIP layer whose output is ``hidden_states[vision_feature_layer]``.
+
+        ``vit_cls_attention``: the [CLS] row of that layer's attention probabilities, from its own
+        ``q_proj``/``k_proj`` on its (layer-normed) input, so it equals ``attentions[-2][:, :, 0, 1:]``
+        of an eager pass, without one; ``vit_features``: that layer's output without CLS (the
+        features the projector receives). One vision pass serves both the model and the method.
+        """
+        layer_sel = model.config.vision_feature_layer
+        strategy = model.config.vision_feature_select_strategy
+        if not isinstance(layer_sel, int) or strategy != "default":
+            raise ValueError(
+                "ViT [CLS] inputs need one vision_feature_layer and vision_feature_select_strategy='default' "
+                f"(got {layer_sel!r}, {strategy!r})"
+            )
+        tower = model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers  # 5.x: CLIPVisionModel owns the encoder
+        # hidden_states[0] is the embedding output, hidden_states[k] the output of layer k-1.
+        layer = layers[len(layers) + layer_sel if layer_sel < 0 else layer_sel - 1]
+
+        def cls_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, 1+N, C]
+            b, n, _ = h.shape
+            q = module.q_proj(h[:, :1]).view(b, 1, -1, module.head_dim).transpose(1, 2)  # [B, H, 1, hd]
+            k = module.k_proj(h).view(b, n, -1, module.head_dim).transpose(1, 2)  # [B, H, 1+N, hd]
+            probs = ((q @ k.transpose(-1, -2)).float() * module.scale).softmax(dim=-1)  # [B, H, 1, 1+N]
+            store["vit_cls_attention"] = probs[:, :, 0, 1:]  # per image [H, N]
+
+        def features(module: nn.Module, args: tuple, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output  # [B, 1+N, C]
+            store["vit_features"] = out[:, 1:]
+
+        with torch.no_grad():
+            return [
+                layer.self_attn.register_forward_pre_hook(cls_attention, with_kwargs=True),
+                layer.register_forward_hook(features),
+            ]
 
 
 FAMILY = LlavaFamily()

@@ -28,6 +28,7 @@ Several images in one prompt are pruned per image: each keeps ``budget(N_i, rati
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import types
 from dataclasses import dataclass, field
@@ -84,6 +85,12 @@ class Family:
             position_ids = position_ids.unsqueeze(0)
         return position_ids, position_ids
 
+    def capture_vision(self, model: nn.Module, store: dict[str, Any]) -> list[Any]:
+        """Register hooks that fill ``store`` with the ViT inputs some methods need
+        (``vit_cls_attention``: per image ``[H, N]``; ``vit_features``: per image ``[N, C]``) during
+        the one vision pass of a prefill; return the hook handles (removed after the prefill)."""
+        raise NotImplementedError(f"{self.name} provides no ViT [CLS] inputs (its vision encoder has no [CLS] token)")
+
     def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on ``x`` ``[B, H, L, hd]`` with ``cos``/``sin`` ``[B, L, hd]`` (the families' layout)."""
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -128,6 +135,16 @@ class _Prefill:
 
 
 @dataclass
+class _Early:
+    """``generate`` encodes images before its first forward (transformers 5.x ``mm_encoder_outputs``)
+    and drops ``pixel_values`` / ``image_grid_thw`` from that forward's arguments: the encoder
+    wrapper keeps them, starts the prefill clock and the ViT capture before the vision pass."""
+
+    kwargs: dict[str, Any]
+    stopwatch: Stopwatch
+
+
+@dataclass
 class PruneState:
     family: Family
     config: PruneConfig
@@ -139,6 +156,9 @@ class PruneState:
     next_positions: torch.Tensor | None = None  # position ids of the next token, as last passed
     samples: int = 0
     hooks: list[Any] = field(default_factory=list)
+    vision: dict[str, Any] = field(default_factory=dict)  # filled by Family.capture_vision during a prefill
+    vision_hooks: list[Any] = field(default_factory=list)
+    early: "_Early | None" = None  # a vision pass that ran before the first forward (generate)
     original_forward: Callable[..., Any] | None = None
     on_sample: Callable[[dict[str, Any]], None] | None = None
 
@@ -165,6 +185,8 @@ def patch(model: nn.Module, family: Family, config: PruneConfig | None = None, s
         state = PruneState(family=family, config=PruneConfig())
         state.original_forward = text.forward
         text.forward = types.MethodType(_make_decoder_forward(state), text)
+        base = model.model
+        base.get_image_features = _make_encoder_wrapper(state, model, base.get_image_features)
         state.hooks = [
             model.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True),
             model.register_forward_hook(_make_post_hook(state), with_kwargs=True),
@@ -186,6 +208,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     text = state.family.text_model(model)
     if "forward" in text.__dict__:
         del text.forward
+    model.model.__dict__.pop("get_image_features", None)
     del model._prune_state
     model.__dict__.pop("prune_trace", None)
     return model
@@ -233,14 +256,21 @@ def _make_pre_hook(state: PruneState):
             # PREFILL_TIME get the same record (and timing) as pruned ones, for side-by-side ratios.
             state.cache_pruned, state.next_positions, state.prefill = False, None, None
             state.trace = module.prune_trace = []
+            early, state.early = state.early, None
+            if early is not None:  # generate: the images were encoded already
+                kwargs_for_layout = {**early.kwargs, **{k: v for k, v in kwargs.items() if v is not None}}
+            else:
+                kwargs_for_layout = kwargs
             if input_ids is None:
                 if cfg.active and kwargs.get("pixel_values") is not None:
                     raise ValueError("pruning needs input_ids to locate the image tokens (got inputs_embeds only)")
                 return args, kwargs
             if cfg.active:
                 _check_batch(input_ids.shape[0])
-            segments = _find_segments(state, module, input_ids, kwargs) if input_ids.shape[0] == 1 else []
-            sw = Stopwatch(input_ids.device, cfg.time_prefill).start()
+            segments = _find_segments(state, module, input_ids, kwargs_for_layout) if input_ids.shape[0] == 1 else []
+            sw = early.stopwatch if early is not None else Stopwatch(input_ids.device, cfg.time_prefill).start()
+            if early is None and segments and _needs_vit(cfg):
+                _start_vision_capture(state, module)
             state.prefill = _Prefill(segments=segments, n_prompt=input_ids.shape[1], stopwatch=sw)
         elif state.cache_pruned and kwargs.get("position_ids") is None:
             # After a pruned prefill the cache is shorter than the prompt, so a model that derives
@@ -252,9 +282,41 @@ def _make_pre_hook(state: PruneState):
     return pre_hook
 
 
+def _needs_vit(cfg: PruneConfig) -> bool:
+    return cfg.active and any(n.startswith("vit_") for m in cfg.method_names for n in methods.get_method(m).needs)
+
+
+def _start_vision_capture(state: PruneState, model: nn.Module) -> None:
+    state.vision = {}
+    state.vision_hooks = state.family.capture_vision(model, state.vision)
+
+
+def _make_encoder_wrapper(state: PruneState, model: nn.Module, original: Callable[..., Any]):
+    """Wraps the base model's ``get_image_features`` (instance attribute): when it runs outside a
+    forward (``generate`` encodes images first), start the prefill clock and the ViT capture now and
+    keep the image arguments for the layout. ``functools.wraps`` keeps the signature, which
+    ``generate`` inspects to choose the encoder's arguments."""
+
+    @functools.wraps(original)
+    def get_image_features(*args: Any, **kwargs: Any) -> Any:
+        cfg = state.config
+        if state.prefill is None and (cfg.active or cfg.time_prefill):
+            pixels = kwargs.get("pixel_values", args[0] if args else None)
+            device = pixels.device if isinstance(pixels, torch.Tensor) else None
+            state.early = _Early(kwargs=dict(kwargs), stopwatch=Stopwatch(device, cfg.time_prefill).start())
+            if _needs_vit(cfg):
+                _start_vision_capture(state, model)
+        return original(*args, **kwargs)
+
+    return get_image_features
+
+
 def _make_post_hook(state: PruneState):
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         prefill, state.prefill = state.prefill, None
+        for h in state.vision_hooks:
+            h.remove()
+        state.vision_hooks, state.vision = [], {}
         if prefill is None:
             return output
         state.samples += 1
@@ -490,7 +552,7 @@ def _prune_step(
         if keep >= n:
             images.append((n, n))
             continue
-        extras = {k: v(idx) if callable(v) else v for k, v in shared.items()}
+        extras = {k: v(idx, img, seg) if callable(v) else v for k, v in shared.items()}
         ctx = methods.PruneContext(
             features=hidden[0, idx],
             stage=stage,
@@ -544,29 +606,39 @@ def _compute_needs(
     sin: torch.Tensor,
     prev_input: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
 ) -> dict[str, Any]:
-    """The inputs ``needs`` asks for; per-image ones are callables of that image's sequence indices."""
+    """The inputs ``needs`` asks for; per-image ones are callables of ``(sequence indices, image
+    index, segment)`` of that image."""
     out: dict[str, Any] = {}
     for need in needs:
         if need in ("last_query_attention_prev", "prev_keys", "prev_text_keys") and prev_input is None:
             raise ValueError(f"{need} needs a previous layer (prune at layer >= 1)")
         if need == "last_query_attention_prev":
             attn = last_query_attention(state.family, text.layers[layer - 1], *prev_input)
-            out[need] = lambda idx, a=attn: a[:, idx]
+            out[need] = lambda idx, *_, a=attn: a[:, idx]
         elif need == "last_query_attention_self":
             attn = last_query_attention(state.family, text.layers[layer], hidden, cos, sin)
-            out[need] = lambda idx, a=attn: a[:, idx]
+            out[need] = lambda idx, *_, a=attn: a[:, idx]
         elif need in ("prev_keys", "prev_text_keys"):
             keys = layer_keys(state.family, text.layers[layer - 1], *prev_input)[0]  # [L, KV*hd]
-            out[need] = (lambda idx, k=keys: k[idx]) if need == "prev_keys" else (lambda idx, k=keys: k[int(idx.max()) + 1 :])
+            out[need] = (lambda idx, *_, k=keys: k[idx]) if need == "prev_keys" else (lambda idx, *_, k=keys: k[int(idx.max()) + 1 :])
         elif need == "final_normed_features":
-            out[need] = lambda idx, h=hidden: text.norm(h[0, idx])
+            out[need] = lambda idx, *_, h=hidden: text.norm(h[0, idx])
         elif need == "final_normed_text":
-            out[need] = lambda idx, h=hidden: text.norm(h[0, int(idx.max()) + 1 :])
+            out[need] = lambda idx, *_, h=hidden: text.norm(h[0, int(idx.max()) + 1 :])
         elif need == "sequence_index":
-            out[need] = lambda idx: idx
+            out[need] = lambda idx, *_: idx
+        elif need in ("vit_cls_attention", "vit_features"):
+            if need not in state.vision:
+                raise RuntimeError(f"{need} was not captured during the vision pass")
+            # Per image, the survivors (pre-LLM runs first, so all of them): rows of [N, C],
+            # columns of [H, N].
+            if need == "vit_features":
+                out[need] = lambda idx, img, seg, v=state.vision[need]: v[img][seg.alive]
+            else:
+                out[need] = lambda idx, img, seg, v=state.vision[need]: v[img][:, seg.alive]
         elif need == "text_features":
             # "Text" is every token after the image (question + assistant prefix), as in METHODS.md.
-            out[need] = lambda idx, h=hidden: h[0, int(idx.max()) + 1 :]
+            out[need] = lambda idx, *_, h=hidden: h[0, int(idx.max()) + 1 :]
         else:  # registry validation makes this unreachable
             raise KeyError(need)
     return out

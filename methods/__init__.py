@@ -77,6 +77,13 @@ NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "final_normed_text": ("[T, D] the text after this image through the decoder's final norm.", ("intra_llm",)),
     "sequence_index": ("[N] where these tokens sit in the CURRENT (already pruned) sequence.", ("pre_llm", "intra_llm")),
+    "vit_cls_attention": (
+        "[H, N] the ViT's [CLS] attention over this image's patches at the feature layer (LLaVA: the "
+        "layer of hidden_states[-2]), from that layer's own q/k during the one vision pass. Families "
+        "whose ViT has no [CLS] token cannot provide it.",
+        ("pre_llm",),
+    ),
+    "vit_features": ("[N, C] the ViT's feature-layer patch features (before the projector).", ("pre_llm",)),
     "text_features": (
         "[T, D] the states of the text tokens after this image (question + assistant prefix), at "
         "the same point as ctx.features.",

@@ -1,7 +1,8 @@
 """VisPruner: important tokens by [CLS] attention plus diverse tokens by similarity pruning (Zhang et al., ICCV 2025).
 
-Not registered yet: the engine does not provide the ViT's [CLS] attention (and Qwen2.5-VL's ViT
-has no [CLS] token). :func:`vispruner_select` is the selection on explicit tensors. Paper:
+Registered as ``vispruner_pre_llm`` for LLaVA (the engine captures the ViT's [CLS] attention and
+features during the one vision pass); Qwen2.5-VL's and InternVL's encoders have no [CLS] token, so
+the configuration refuses them. :func:`vispruner_select` is the selection on explicit tensors. Paper:
 https://arxiv.org/abs/2412.01818; original: Theia-4869/VisPruner @aefa01a,
 ``llava/model/llava_arch.py :: encode_images`` (l.141) and ``clip_encoder.py :: feature_select``.
 """
@@ -9,6 +10,8 @@ https://arxiv.org/abs/2412.01818; original: Theia-4869/VisPruner @aefa01a,
 from __future__ import annotations
 
 import torch
+
+from methods import PruneContext, register_prune
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -68,3 +71,21 @@ def vispruner_select(
         residual = torch.cat([a[distinct], b])
     selected = torch.cat([important, residual]) if n_diverse > 0 else important
     return selected.sort().values
+
+
+@register_prune(
+    "vispruner_pre_llm",
+    stage="pre_llm",
+    needs=("vit_features", "vit_cls_attention"),
+    families=("llava",),
+    source="Theia-4869/VisPruner",
+    paper="https://arxiv.org/abs/2412.01818",
+    deviation="Not in UniPruneBench's code release; odd residuals handled (the original's expand fails).",
+)
+def vispruner(ctx: PruneContext, keep: int, *, important_ratio: float = 0.5) -> torch.Tensor:
+    """Keep important tokens by ViT [CLS] attention, then diverse ones by similarity pruning.
+
+    ``keep`` is the original's ``visual_token_num``; the selection (a mask in the original) is
+    applied to the projected tokens, as in the original's ``encode_images``.
+    """
+    return vispruner_select(ctx["vit_features"], ctx["vit_cls_attention"], keep, important_ratio=important_ratio)

@@ -65,7 +65,9 @@ def test_registered_names_and_metadata():
     dart = get_method("dart_intra_llm")
     assert dart.stage == "intra_llm" and not dart.exact_count and dart.params == {"n_pivots_image": 4, "n_pivots_text": 4}
     registered = methods.names()
-    for pending in ("vispruner", "prumerge", "prumerge_plus", "visionzip", "fitprune"):
+    vis = get_method("vispruner_pre_llm")
+    assert vis.families == ("llava",) and vis.params == {"important_ratio": 0.5}
+    for pending in ( "prumerge", "prumerge_plus", "visionzip", "fitprune"):
         assert not any(n.startswith(pending + "_") for n in registered), f"{pending} must not be registered yet"
 
 
