@@ -371,29 +371,11 @@ def _find_segments(state: PruneState, model: nn.Module, input_ids: torch.Tensor,
 
 # ----------------------------------------------------------------------------- the decoder loop
 def _make_decoder_forward(state: PruneState):
-    def forward(
-        self: nn.Module,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs: Any,
-    ) -> BaseModelOutputWithPast:
-        call = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> BaseModelOutputWithPast:
         prunes_now = state.prefill is not None and bool(state.prefill.segments)
         if not state.config.active or not (prunes_now or state.cache_pruned):
-            return state.original_forward(**call)
-        return _decoder_forward(self, state, **call)
+            return state.original_forward(*args, **kwargs)
+        return _decoder_forward(self, state, *args, **kwargs)
 
     return forward
 

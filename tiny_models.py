@@ -17,6 +17,18 @@ VOCAB = 512
 IMAGE_ID, VIDEO_ID, VISION_START_ID, VISION_END_ID = 500, 501, 502, 503
 
 
+def _with_attn(cfg, attn: str):
+    """Set the attention implementation of a composite config and its text/vision parts."""
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        c._attn_implementation = attn
+    return cfg
+
+
+def _build(model_cls, cfg, seed: int):
+    torch.manual_seed(seed)
+    return model_cls(cfg).eval()
+
+
 def tiny_qwen_config(layers: int = 4, kv_heads: int = 2, attn: str = "sdpa"):
     from transformers import Qwen2_5_VLConfig
 
@@ -48,17 +60,13 @@ def tiny_qwen_config(layers: int = 4, kv_heads: int = 2, attn: str = "sdpa"):
         vision_start_token_id=VISION_START_ID,
         vision_end_token_id=VISION_END_ID,
     )
-    cfg._attn_implementation = attn
-    cfg.text_config._attn_implementation = attn
-    cfg.vision_config._attn_implementation = attn
-    return cfg
+    return _with_attn(cfg, attn)
 
 
 def tiny_qwen(seed: int = 0, **kw):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(tiny_qwen_config(**kw)).eval()
+    return _build(Qwen2_5_VLForConditionalGeneration, tiny_qwen_config(**kw), seed)
 
 
 def qwen_inputs(grids=((1, 8, 8),), text=(5, 7), seed: int = 0, between: int = 3) -> dict[str, torch.Tensor]:
@@ -129,17 +137,13 @@ def tiny_internvl_config(layers: int = 4, kv_heads: int = 2, attn: str = "sdpa")
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
-    cfg._attn_implementation = attn
-    cfg.text_config._attn_implementation = attn
-    cfg.vision_config._attn_implementation = attn
-    return cfg
+    return _with_attn(cfg, attn)
 
 
 def tiny_internvl(seed: int = 0, **kw):
     from transformers import InternVLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    return InternVLForConditionalGeneration(tiny_internvl_config(**kw)).eval()
+    return _build(InternVLForConditionalGeneration, tiny_internvl_config(**kw), seed)
 
 
 def internvl_inputs(tiles=(3,), text=(5, 7), seed: int = 0, between: int = 3) -> dict[str, torch.Tensor]:
@@ -203,17 +207,13 @@ def tiny_llava_config(layers: int = 4, kv_heads: int = 2, attn: str = "sdpa", se
         vision_feature_layer=-2,
         vision_feature_select_strategy=select_strategy,
     )
-    cfg._attn_implementation = attn
-    cfg.text_config._attn_implementation = attn
-    cfg.vision_config._attn_implementation = attn
-    return cfg
+    return _with_attn(cfg, attn)
 
 
 def tiny_llava(seed: int = 0, **kw):
     from transformers import LlavaForConditionalGeneration
 
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(tiny_llava_config(**kw)).eval()
+    return _build(LlavaForConditionalGeneration, tiny_llava_config(**kw), seed)
 
 
 def llava_inputs(
