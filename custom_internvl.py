@@ -1,5 +1,5 @@
-"""InternVL3 (1B / 8B) on the shared pruning engine, through transformers' HF-native
-``InternVLForConditionalGeneration`` (checkpoints ``OpenGVLab/InternVL3-1B-hf`` / ``-8B-hf``).
+"""InternVL3 (1B to 78B, the `-hf` checkpoints) on the shared pruning engine, through transformers' HF-native
+``InternVLForConditionalGeneration`` (e.g. ``OpenGVLab/InternVL3-1B-hf`` / ``-8B-hf``; see ``CHECKPOINTS``).
 
 What this family contributes (everything else is :mod:`prune_engine`):
   * the decoder is Qwen2 (``model.model.language_model``); its position ids are the plain 1-D
@@ -53,7 +53,7 @@ from transformers import InternVLForConditionalGeneration as MODEL_CLASS  # noqa
 from utils import PruneConfig, TimingSink
 
 # The names users type (VLMEvalKit's) -> Hugging Face checkpoints (the HF-native "-hf" conversions;
-# VLMEvalKit's InternVL3-9B has an InternLM3 decoder and no "-hf" checkpoint).
+# none was found for VLMEvalKit's InternVL3-9B, whose decoder is InternLM3).
 CHECKPOINTS = {
     "InternVL3-1B": "OpenGVLab/InternVL3-1B-hf",
     "InternVL3-2B": "OpenGVLab/InternVL3-2B-hf",

@@ -90,3 +90,143 @@ def save_tiny_qwen(path: str | Path, seed: int = 0, image_pixels: int = 112 * 11
     processor.save_pretrained(path)
     logger.info("saved a tiny Qwen2.5-VL checkpoint to %s", path)
     return path
+
+
+# ----------------------------------------------------------------------------- InternVL3 (HF-native)
+INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+# The tokenizer attributes InternVLProcessor reads (the real -hf checkpoints declare the same four).
+INTERNVL_NAMED_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+
+# Our own minimal template in InternVL3's chat format (ChatML; system prompt omitted). Each image is
+# written as one <IMG_CONTEXT>, which InternVLProcessor expands to <img> + context x (tokens a tile x
+# tiles) + </img>.
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif c['type'] == 'video' %}<video>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tiny_internvl(path: str | Path, seed: int = 0, max_tiles: int = 4) -> Path:
+    """Save a tiny InternVL3 (HF-native) checkpoint: 112-px tiles of 16 visual tokens each.
+
+    The image processor tiles as the real one does (``crop_to_patches``, closest aspect-ratio grid of
+    at most ``max_tiles`` crops, plus a thumbnail when there is more than one crop): a 112x112 image
+    is one tile (16 tokens), a 224x112 one is 2 crops + thumbnail (48 tokens).
+    """
+    from transformers import (
+        GenerationConfig,
+        GotOcr2ImageProcessor,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    import tiny_models
+
+    path = Path(path)
+    base = build_tokenizer(INTERNVL_SPECIALS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=INTERNVL_NAMED_TOKENS,
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in INTERNVL_SPECIALS}
+    cfg = tiny_models.tiny_internvl_config()
+    cfg.image_token_id = ids["<IMG_CONTEXT>"]
+    cfg.text_config.vocab_size = len(tok)
+    cfg.text_config.bos_token_id = ids["<|endoftext|>"]
+    cfg.text_config.eos_token_id = ids["<|im_end|>"]
+    cfg.text_config.pad_token_id = ids["<|endoftext|>"]
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(cfg).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"], do_sample=False
+    )
+    tile = {"height": tiny_models.INTERNVL_TILE_PX, "width": tiny_models.INTERNVL_TILE_PX}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(
+            size=tile, crop_to_patches=True, min_patches=1, max_patches=max_tiles,
+            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+        ),
+        tokenizer=tok,
+        video_processor=InternVLVideoProcessor(size=tile),
+        image_seq_length=tiny_models.INTERNVL_TOKENS_PER_TILE,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    logger.info("saved a tiny InternVL3 checkpoint to %s", path)
+    return path
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.5
+LLAVA_SPECIALS = ["</s>", "<s>", "<unk>", "<image>"]
+
+# Our own minimal template in LLaVA-1.5's chat format ("USER: <image>\n... ASSISTANT:"; the vicuna
+# system prompt omitted), images and text in message order.
+LLAVA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'].upper() }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %} "
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny LLaVA-1.5 checkpoint: 56-px CLIP input, 4x4 patches, 16 visual tokens an image.
+
+    The processor is configured as ``llava-hf/llava-1.5-7b-hf``'s (resize the shortest edge, centre
+    crop, CLIP normalisation; ``patch_size``, ``vision_feature_select_strategy="default"`` and one
+    additional CLS token), at the tiny image size.
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        GenerationConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    import tiny_models
+
+    path = Path(path)
+    base = build_tokenizer(LLAVA_SPECIALS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
+    cfg = tiny_models.tiny_llava_config()
+    cfg.image_token_id = ids["<image>"]
+    cfg.text_config.vocab_size = len(tok)
+    cfg.text_config.bos_token_id = ids["<s>"]
+    cfg.text_config.eos_token_id = ids["</s>"]
+    cfg.text_config.pad_token_id = ids["</s>"]
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config = GenerationConfig(eos_token_id=ids["</s>"], pad_token_id=ids["</s>"], do_sample=False)
+    px = tiny_models.LLAVA_IMAGE_PX
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": px}, crop_size={"height": px, "width": px}),
+        tokenizer=tok,
+        patch_size=tiny_models.LLAVA_PATCH,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    logger.info("saved a tiny LLaVA-1.5 checkpoint to %s", path)
+    return path
