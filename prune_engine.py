@@ -428,7 +428,7 @@ def _decoder_forward(
 
     # ---- change 2: the pruning schedule of this forward (only a prefill with images prunes) ----
     prefill = state.prefill if state.prefill is not None and state.prefill.segments else None
-    plan: dict[int, list[tuple[str, float, str]]] = {}
+    plan: dict[int, list[tuple[str, float | None, str]]] = {}
     if prefill is not None:
         if past_len:
             raise NotImplementedError("pruning a prompt that continues an existing cache is not supported")
@@ -510,7 +510,7 @@ def _prune_step(
     prev_input: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     stage: str,
     layer: int,
-    ratio: float,
+    ratio: float | None,
     name: str,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Run ``name`` on every image; returns ``(kept sequence indices [L'], hidden [1, L', D])`` or None."""
@@ -520,9 +520,14 @@ def _prune_step(
     pos_in_seq = torch.full((prefill.n_prompt,), -1, dtype=torch.long, device=hidden.device)
     pos_in_seq[seq_index] = torch.arange(len(seq_index), device=hidden.device)
     local = [pos_in_seq[s.orig_seq[s.alive]] for s in prefill.segments]
-    budgets = [min(int(s.alive.numel()), methods.budget(s.n_orig, ratio)) for s in prefill.segments]
-    if all(k == s.alive.numel() for k, s in zip(budgets, prefill.segments)):
-        return None  # nothing to cut (ratio 1, or the survivors already fit)
+    if ratio is None:  # the method decides its own count (VTW): it gets the current count as keep
+        budgets = [int(s.alive.numel()) for s in prefill.segments]
+        if not any(budgets):
+            return None
+    else:
+        budgets = [min(int(s.alive.numel()), methods.budget(s.n_orig, ratio)) for s in prefill.segments]
+        if all(k == s.alive.numel() for k, s in zip(budgets, prefill.segments)):
+            return None  # nothing to cut (ratio 1, or the survivors already fit)
 
     sw = Stopwatch(hidden.device, state.config.time_method).start()
     shared = _compute_needs(method.needs, state, text, layer, hidden, cos, sin, prev_input)
@@ -531,7 +536,7 @@ def _prune_step(
     images = []
     for img, (seg, idx, keep) in enumerate(zip(prefill.segments, local, budgets)):
         n = int(idx.numel())
-        if keep >= n:
+        if n == 0 or (ratio is not None and keep >= n):
             images.append((n, n))
             continue
         extras = {k: v(idx, img, seg) if callable(v) else v for k, v in shared.items()}

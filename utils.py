@@ -6,8 +6,9 @@ Environment variables (all optional; nothing set means no pruning):
 ``KEEP_RATIO``             fraction of an image's visual tokens kept by the pre-LLM method,
                            and the default ratio of intra-LLM layers; in (0, 1].
 ``PRUNE_METHOD_PRE_LLM``   a method registered for ``stage="pre_llm"``.
-``PRUNE_METHOD_INTRA_LLM`` a method registered for ``stage="intra_llm"``; applied at layer 2
-                           with ``KEEP_RATIO`` when ``INTRA_LLM_LAYER_SPECS`` is not set.
+``PRUNE_METHOD_INTRA_LLM`` a method registered for ``stage="intra_llm"``; applied at its
+                           original layer (``default_layer``, 2 for most) with ``KEEP_RATIO``
+                           when ``INTRA_LLM_LAYER_SPECS`` is not set.
 ``PRUNE_METHOD``           the seed README's single name: routed to the stage it is
                            registered for.
 ``INTRA_LLM_LAYER_SPECS``  ``"layer:method[:ratio];..."`` (``;`` or ``,``). ``ratio`` is the
@@ -68,7 +69,7 @@ class LayerSpec:
 
     layer: int
     method: str
-    ratio: float
+    ratio: float | None  # None for a method that decides its own count (``uses_ratio=False``)
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,10 @@ class PruneConfig:
             intra = _parse_specs(specs_text, keep_ratio)
         elif intra_method:
             _check_stage(intra_method, "intra_llm", "PRUNE_METHOD_INTRA_LLM")
-            if keep_ratio is None:
+            m = methods.get_method(intra_method)
+            if m.uses_ratio and keep_ratio is None:
                 raise ConfigError(f"{intra_method} needs a ratio: set KEEP_RATIO (e.g. KEEP_RATIO=0.333)")
-            intra = (LayerSpec(_DEFAULT_INTRA_LAYER, intra_method, keep_ratio),)
+            intra = (LayerSpec(m.default_layer, intra_method, keep_ratio if m.uses_ratio else None),)
         else:
             intra = ()
 
@@ -191,7 +193,7 @@ class PruneConfig:
         parts = []
         if self.pre_method:
             parts.append(f"{self.pre_method}-r{self.keep_ratio:g}")
-        parts += [f"L{s.layer}-{s.method}-r{s.ratio:g}" for s in self.intra]
+        parts += [f"L{s.layer}-{s.method}" + ("" if s.ratio is None else f"-r{s.ratio:g}") for s in self.intra]
         for method, args in sorted(self.method_args.items()):
             parts += [f"{method}.{k}={v}" for k, v in sorted(args.items())]
         if any(_is_random(m) for m in self.method_names):
@@ -208,6 +210,8 @@ class PruneConfig:
     def _check_ratios(self) -> None:
         previous, where = (self.keep_ratio, "the pre-LLM KEEP_RATIO") if self.pre_method else (None, "")
         for spec in self.intra:
+            if spec.ratio is None:  # the method decides its count
+                continue
             if previous is not None and spec.ratio >= previous:
                 suggestion = f"{spec.layer}:{spec.method}:{previous * spec.ratio:.4g}"
                 raise ConfigError(
@@ -286,7 +290,14 @@ def _parse_specs(text: str, keep_ratio: float | None) -> tuple[LayerSpec, ...]:
         except ValueError:
             raise ConfigError(f"INTRA_LLM_LAYER_SPECS: layer {parts[0]!r} in {item!r} is not an integer") from None
         _check_stage(parts[1], "intra_llm", "INTRA_LLM_LAYER_SPECS")
-        if len(parts) == 3:
+        if not methods.get_method(parts[1]).uses_ratio:
+            if len(parts) == 3:
+                raise ConfigError(
+                    f"INTRA_LLM_LAYER_SPECS: {parts[1]} decides how many tokens it keeps and takes no ratio: "
+                    f"write '{parts[0]}:{parts[1]}'"
+                )
+            ratio = None
+        elif len(parts) == 3:
             ratio = _parse_ratio(f"INTRA_LLM_LAYER_SPECS ratio in {item!r}", parts[2])
         elif keep_ratio is not None:
             ratio = keep_ratio

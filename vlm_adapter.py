@@ -54,6 +54,24 @@ def load_pretrained(family: ModuleType, path: str, device: torch.device, dtype: 
     return model.to(device).eval(), processor
 
 
+def build_inputs(processor: Any, message: list[dict[str, str]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Model inputs for a VLMEvalKit message (``[{'type': 'image'|'text', 'value': ...}, ...]``,
+    images as file paths) through the checkpoint's own chat template and processor."""
+    from PIL import Image
+
+    content, images = [], []
+    for part in message:
+        if part["type"] == "image":
+            content.append({"type": "image"})
+            images.append(Image.open(part["value"]).convert("RGB"))
+        elif part["type"] == "text":
+            content.append({"type": "text", "text": part["value"]})
+        else:
+            raise ValueError(f"unsupported message part {part['type']!r}")
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    return processor(text=[prompt], images=images or None, return_tensors="pt").to(device)
+
+
 def make_adapter_class():
     from vlmeval.vlm.base import BaseModel
 
@@ -82,21 +100,7 @@ def make_adapter_class():
             logger.info("loaded %s on %s; pruning: %s", model_path, self.device, config.tag() or "none")
 
         def generate_inner(self, message: list[dict[str, str]], dataset: str | None = None) -> str:
-            from PIL import Image
-
-            content, images = [], []
-            for part in message:
-                if part["type"] == "image":
-                    content.append({"type": "image"})
-                    images.append(Image.open(part["value"]).convert("RGB"))
-                elif part["type"] == "text":
-                    content.append({"type": "text", "text": part["value"]})
-                else:
-                    raise ValueError(f"unsupported message part {part['type']!r}")
-            prompt = self.processor.apply_chat_template(
-                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-            )
-            inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt").to(self.device)
+            inputs = build_inputs(self.processor, message, self.device)
             with torch.inference_mode():
                 out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
             new = out[:, inputs["input_ids"].shape[1] :]

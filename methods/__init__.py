@@ -156,6 +156,8 @@ class PruneMethod:
     paper: str = ""
     deviation: str = ""
     families: tuple[str, ...] | None = None  # None: every family
+    uses_ratio: bool = True  # False: the method decides how many tokens it keeps (no ratio in specs)
+    default_layer: int = 2  # where PRUNE_METHOD_INTRA_LLM applies it without layer specs
 
     @property
     def summary(self) -> str:
@@ -191,6 +193,8 @@ def register_prune(
     paper: str = "",
     deviation: str = "",
     families: tuple[str, ...] | None = None,
+    uses_ratio: bool = True,
+    default_layer: int = 2,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(ctx, keep, *, hyper=default, ...)`` under ``name`` for ``stage``.
 
@@ -203,6 +207,10 @@ def register_prune(
         source / paper: the original repository and paper (shown in the README table).
         deviation: one line on how this port differs from UniPruneBench's, if it does.
         families: the model families it applies to (``None``: all).
+        uses_ratio: False for a method that decides its own count (VTW withdraws every visual
+            token): it is configured without a ratio and receives ``keep`` = the current count.
+        default_layer: the original's pruning layer, used when ``PRUNE_METHOD_INTRA_LLM`` names it
+            without ``INTRA_LLM_LAYER_SPECS``.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r} (method {name!r})")
@@ -224,12 +232,14 @@ def register_prune(
             stage=stage,
             fn=fn,
             needs=tuple(needs),
-            exact_count=exact_count,
+            exact_count=exact_count and uses_ratio,
             params=_hyper_parameters(name, fn),
             source=source,
             paper=paper,
             deviation=deviation,
             families=families,
+            uses_ratio=uses_ratio,
+            default_layer=default_layer,
         )
         return fn
 
