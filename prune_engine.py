@@ -596,8 +596,9 @@ def _compute_needs(
     """The inputs ``needs`` asks for; per-image ones are callables of ``(sequence indices, image
     index, segment)`` of that image."""
     out: dict[str, Any] = {}
+    full_attention: torch.Tensor | None = None
     for need in needs:
-        if need in ("last_query_attention_prev", "prev_keys", "prev_text_keys") and prev_input is None:
+        if need.startswith(("last_query_attention_prev", "prev_")) and prev_input is None:
             raise ValueError(f"{need} needs a previous layer (prune at layer >= 1)")
         if need == "last_query_attention_prev":
             attn = last_query_attention(state.family, text.layers[layer - 1], *prev_input)
@@ -608,6 +609,14 @@ def _compute_needs(
         elif need in ("prev_keys", "prev_text_keys"):
             keys = layer_keys(state.family, text.layers[layer - 1], *prev_input)[0]  # [L, KV*hd]
             out[need] = (lambda idx, *_, k=keys: k[idx]) if need == "prev_keys" else (lambda idx, *_, k=keys: k[int(idx.max()) + 1 :])
+        elif need in ("prev_attention_visual", "prev_attention_text"):
+            if full_attention is None:  # shared by the two needs
+                full_attention = attention_probs(state.family, text.layers[layer - 1], *prev_input)
+            attn = full_attention  # [H, L, L]
+            if need == "prev_attention_visual":
+                out[need] = lambda idx, *_, a=attn: a[:, idx][:, :, idx]
+            else:
+                out[need] = lambda idx, *_, a=attn: a[:, int(idx.max()) + 1 :][:, :, idx]
         elif need == "final_normed_features":
             out[need] = lambda idx, *_, h=hidden: text.norm(h[0, idx])
         elif need == "final_normed_text":
@@ -629,6 +638,22 @@ def _compute_needs(
         else:  # registry validation makes this unreachable
             raise KeyError(need)
     return out
+
+
+@torch.no_grad()
+def attention_probs(family: Family, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``[H, L, L]``: ``layer``'s causal softmax attention probabilities (fp32) for its input
+    ``hidden`` ``[1, L, D]``, from its own q/k and RoPE: what eager attention returns, without an
+    eager pass of the layer. O(L^2) memory: only for methods that need whole rows (FitPrune)."""
+    attn = layer.self_attn
+    hd, n = attn.head_dim, hidden.shape[1]
+    x = layer.input_layernorm(hidden)
+    q = family.apply_rotary(attn.q_proj(x).view(1, n, -1, hd).transpose(1, 2), cos, sin)  # [1, H, L, hd]
+    k = layer_keys(family, layer, hidden, cos, sin).view(1, n, -1, hd).transpose(1, 2)  # [1, KV, L, hd]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)).float()[0] * attn.scaling  # [H, L, L]
+    future = torch.ones(n, n, dtype=torch.bool, device=hidden.device).triu(1)
+    return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
 @torch.no_grad()

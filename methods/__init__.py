@@ -70,6 +70,15 @@ NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
         "applied, heads flattened). DART's input.",
         ("intra_llm",),
     ),
+    "prev_attention_visual": (
+        "[H, N, N] the PREVIOUS layer's attention probabilities (causal, its own q/k) among this "
+        "image's tokens: rows and columns the visual tokens. FitPrune's input.",
+        ("intra_llm",),
+    ),
+    "prev_attention_text": (
+        "[H, T, N] the same, rows = the T tokens after this image, columns = its visual tokens.",
+        ("intra_llm",),
+    ),
     "prev_text_keys": ("[T, KV*hd] the same for the text after this image.", ("intra_llm",)),
     "final_normed_features": (
         "[N, D] ctx.features through the decoder's final norm (DART's cosine input).",

@@ -95,3 +95,24 @@ def test_generate_gives_methods_the_grid_and_times_the_vision_pass(family, monke
 
     record = json.loads((tmp_path / "r.jsonl").read_text())
     assert record["prefill_ms"] >= 50, "the prefill time must include the vision encoder"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@torch.no_grad()
+def test_fitprune_reads_the_previous_layers_attention_like_eager(family):
+    from methods.fitprune import fitprune_keep
+
+    spec = FAMILIES[family]
+    eager = spec.build(seed=9, attn="eager")
+    inputs = spec.make_inputs(seed=9, **spec.variants["1img"])
+    ids = inputs["input_ids"][0]
+    image = torch.nonzero(ids == eager.config.image_token_id).flatten()
+    start, end = int(image[0]), int(image[-1]) + 1
+    attn = eager(**inputs, output_attentions=True).attentions[1][0]  # layer 1: [H, L, L]
+    n = end - start
+    keep = n // 4
+    expected = fitprune_keep(attn[:, start:end, start:end], attn[:, end:, start:end], n - keep) + start
+    model = spec.build(seed=9)  # sdpa
+    spec.module.patch(model, cfg(INTRA_LLM_LAYER_SPECS=f"2:fitprune_intra_llm:{keep / n}"))
+    model(**inputs)
+    assert model.prune_trace[0].kept == expected.tolist()

@@ -67,7 +67,8 @@ def test_registered_names_and_metadata():
     registered = methods.names()
     vis = get_method("vispruner_pre_llm")
     assert vis.families == ("llava",) and vis.params == {"important_ratio": 0.5}
-    for pending in ( "prumerge", "prumerge_plus", "visionzip", "fitprune"):
+    assert get_method("fitprune_intra_llm").needs == ("prev_attention_visual", "prev_attention_text")
+    for pending in ("prumerge", "prumerge_plus", "visionzip"):
         assert not any(n.startswith(pending + "_") for n in registered), f"{pending} must not be registered yet"
 
 
@@ -597,3 +598,22 @@ def test_registered_methods_run_in_the_engine(env):
         assert [len(e.kept) for e in model.prune_trace] == [methods.budget(n, r) for r in ratios]
     finally:
         custom_qwenvl.unpatch(model)
+
+
+def test_fitprune_schedules_become_layer_specs_with_the_exact_counts():
+    from methods import budget
+    from methods.fitprune import LLAVA15_7B_SCHEMES, fitprune_specs
+    from utils import PruneConfig
+
+    # Deletions after layer l's attention = a cut at the input of layer l+1 (573/576, then 566/576);
+    # after the last layer: none.
+    assert fitprune_specs({0: 3, 1: 7, 5: 0, 31: 2}, 576, 32) == "1:fitprune_intra_llm:0.994792;2:fitprune_intra_llm:0.982639"
+    for reduction, scheme in LLAVA15_7B_SCHEMES.items():
+        cfg = PruneConfig.from_env({"INTRA_LLM_LAYER_SPECS": fitprune_specs(scheme, 576, 32)})
+        left = 576
+        for spec in cfg.intra:  # every cut keeps exactly the original's survivors
+            left -= scheme[spec.layer - 1]
+            assert budget(576, spec.ratio) == left
+        assert left == 576 - sum(v for k, v in scheme.items() if k < 31), reduction
+    with pytest.raises(ValueError, match="deletes all"):
+        fitprune_specs({0: 576}, 576, 32)
