@@ -72,6 +72,29 @@ def build_inputs(processor: Any, message: list[dict[str, str]], device: torch.de
     return processor(text=[prompt], images=images or None, return_tensors="pt").to(device)
 
 
+def messages_from_tsv(path: Path, limit: int, workdir: Path) -> list[list[dict[str, str]]]:
+    """The first ``limit`` (image, question) messages of a VLMEvalKit TSV (base64 ``image`` column)."""
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    rows = pd.read_csv(path, sep="\t").head(limit)
+    images: dict[str, str] = {}
+    out = []
+    for _, row in rows.iterrows():
+        data = str(row["image"])
+        if data not in images and len(data) < 64 and data in set(rows["index"].astype(str)):
+            data = str(rows[rows["index"].astype(str) == data].iloc[0]["image"])  # MME's image reuse
+        if data not in images:
+            file = workdir / f"{len(images)}.png"
+            Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB").save(file)
+            images[data] = str(file)
+        out.append([{"type": "image", "value": images[data]}, {"type": "text", "value": str(row["question"])}])
+    return out
+
+
 def make_adapter_class():
     from vlmeval.vlm.base import BaseModel
 

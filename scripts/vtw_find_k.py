@@ -13,9 +13,7 @@ original). Prints K and the ``INTRA_LLM_LAYER_SPECS`` that uses it; ``--out`` sa
 from __future__ import annotations
 
 import argparse
-import base64
 import importlib
-import io
 import json
 import logging
 import sys
@@ -33,26 +31,6 @@ import torch  # noqa: E402
 
 FAMILY_MODULES = {"qwen2_5_vl": "custom_qwenvl", "internvl": "custom_internvl", "llava": "custom_llava"}
 logger = logging.getLogger("vtw_find_k")
-
-
-def messages_from_tsv(path: Path, limit: int, workdir: Path) -> list[list[dict[str, str]]]:
-    """The first ``limit`` (image, question) messages of a VLMEvalKit TSV (base64 ``image`` column)."""
-    import pandas as pd
-    from PIL import Image
-
-    rows = pd.read_csv(path, sep="\t").head(limit)
-    images: dict[str, str] = {}
-    out = []
-    for _, row in rows.iterrows():
-        data = str(row["image"])
-        if data not in images and len(data) < 64 and data in set(rows["index"].astype(str)):
-            data = str(rows[rows["index"].astype(str) == data].iloc[0]["image"])  # MME's image reuse
-        if data not in images:
-            file = workdir / f"{len(images)}.png"
-            Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB").save(file)
-            images[data] = str(file)
-        out.append([{"type": "image", "value": images[data]}, {"type": "text", "value": str(row["question"])}])
-    return out
 
 
 @torch.no_grad()
@@ -99,7 +77,7 @@ def main(argv: list[str] | None = None) -> int | None:
     device = vlm_adapter.pick_device(args.device)
     model, processor = vlm_adapter.load_pretrained(family, args.model, device)
     with tempfile.TemporaryDirectory() as tmp:
-        messages = messages_from_tsv(args.data, args.limit, Path(tmp))
+        messages = vlm_adapter.messages_from_tsv(args.data, args.limit, Path(tmp))
         kl = kl_matrix(family, model, processor, messages, args.start, device)
     k = vtw_pick_layer(kl, args.eta, args.start)
     means = kl.mean(dim=0).tolist()
