@@ -24,6 +24,21 @@ def _with_attn(cfg, attn: str):
     return cfg
 
 
+def _tiny_text(layers: int, kv_heads: int, **extra) -> dict:
+    """The decoder part shared by the three tiny families: hidden 64, 4 heads (GQA with ``kv_heads``)."""
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    )
+    return {**base, **extra}
+
+
 def _build(model_cls, cfg, seed: int):
     torch.manual_seed(seed)
     return model_cls(cfg).eval()
@@ -33,15 +48,8 @@ def tiny_qwen_config(layers: int = 4, kv_heads: int = 2, attn: str = "sdpa"):
     from transformers import Qwen2_5_VLConfig
 
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=4096,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+        text_config=_tiny_text(
+            layers, kv_heads, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])
         ),
         vision_config=dict(
             depth=2,
@@ -111,18 +119,7 @@ def tiny_internvl_config(layers: int = 4, kv_heads: int = 2, attn: str = "sdpa")
     from transformers import InternVLConfig
 
     cfg = InternVLConfig(
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=4096,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
-            tie_word_embeddings=True,
-        ),
+        text_config=_tiny_text(layers, kv_heads, model_type="qwen2", tie_word_embeddings=True),
         vision_config=dict(
             hidden_size=32,
             intermediate_size=64,
@@ -180,18 +177,7 @@ def tiny_llava_config(layers: int = 4, kv_heads: int = 2, attn: str = "sdpa", se
     from transformers import LlavaConfig
 
     cfg = LlavaConfig(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=4096,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
-            pad_token_id=0,
-        ),
+        text_config=_tiny_text(layers, kv_heads, model_type="llama", pad_token_id=0),
         vision_config=dict(
             model_type="clip_vision_model",
             hidden_size=32,
