@@ -204,6 +204,10 @@ def main(family: ModuleType, argv: Sequence[str] | None = None) -> None:
     import vlmeval.run
 
     tiny_data.register_tiny_datasets()
+    if "--data" in argv:  # say which datasets need an LLM judge for their official score
+        start, end = _flag_values(argv, "--data")
+        judge = argv[argv.index("--judge") + 1] if "--judge" in argv[:-1] else None
+        tiny_data.log_judge_notes(argv[start:end], judge)
     _cpu_distributed()
     work_dir = Path(os.environ.get("MMEVAL_ROOT") or _pop_flag(argv, "--work-dir") or "./outputs")
     adapter = make_adapter_class()
