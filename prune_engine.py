@@ -161,6 +161,7 @@ class PruneState:
     early: "_Early | None" = None  # a vision pass that ran before the first forward (generate)
     original_forward: Callable[..., Any] | None = None
     on_sample: Callable[[dict[str, Any]], None] | None = None
+    sample_info: dict[str, Any] = field(default_factory=dict)  # merged into the next record (dataset, images)
 
     def configure(self, config: PruneConfig, num_layers: int) -> None:
         config.validate_for(num_layers, self.family.name)
@@ -323,14 +324,24 @@ def _make_post_hook(state: PruneState):
         prefill.stopwatch.stop()
         ms = prefill.stopwatch.ms
         n_visual = sum(s.n_orig for s in prefill.segments)
+        cache = getattr(output, "past_key_values", None)
         record = {
             "sample": state.samples,
+            **state.sample_info,
             "prefill_ms": ms,
             "n_prompt": prefill.n_prompt,
             "n_visual": n_visual,
             "n_visual_final": sum(int(s.alive.numel()) for s in prefill.segments),
+            # Where each image sits in the unpruned prompt, and its token grid (overlays).
+            "image_spans": [
+                {"start": int(s.orig_seq[0]), "n": s.n_orig, "grid": list(s.grid) if s.grid else None}
+                for s in prefill.segments
+            ],
+            "kv_cache_bytes": _cache_bytes(cache),
+            "peak_memory_bytes": _peak_memory(prefill.stopwatch),
             "events": [e.as_dict() for e in state.trace],
         }
+        state.sample_info = {}
         if state.sink is not None:
             state.sink.write_sample(record, state.config)
         if state.on_sample is not None:
@@ -338,6 +349,19 @@ def _make_post_hook(state: PruneState):
         return output
 
     return post_hook
+
+
+def _cache_bytes(cache: Any) -> int | None:
+    """Bytes held by a DynamicCache after the prefill (every layer's keys and values)."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values) if t is not None)
+
+
+def _peak_memory(stopwatch: Stopwatch) -> int | None:
+    """Peak CUDA memory since the prefill started (None on CPU)."""
+    return int(torch.cuda.max_memory_allocated()) if stopwatch.cuda else None
 
 
 def _check_batch(batch: int) -> None:

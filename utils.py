@@ -344,6 +344,7 @@ class Stopwatch:
     def start(self) -> "Stopwatch":
         if self.enabled:
             if self.cuda:
+                torch.cuda.reset_peak_memory_stats()  # the prefill's peak memory is read against this
                 self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 self._start.record()
             else:

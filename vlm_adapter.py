@@ -123,6 +123,10 @@ def make_adapter_class():
             logger.info("loaded %s on %s; pruning: %s", model_path, self.device, config.tag() or "none")
 
         def generate_inner(self, message: list[dict[str, str]], dataset: str | None = None) -> str:
+            # Which sample this is, for the per-sample record (the image file names carry the row index).
+            self.model._prune_state.sample_info = {
+                "dataset": dataset, "images": [p["value"] for p in message if p["type"] == "image"],
+            }
             inputs = build_inputs(self.processor, message, self.device)
             with torch.inference_mode():
                 out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
@@ -170,6 +174,12 @@ def resolve_checkpoint(family: ModuleType, name: str, model_path: str | None) ->
     )
 
 
+def model_name(display: str, config: PruneConfig) -> str:
+    """The model name VLMEvalKit sees (and its output folder): ``<display>__<config tag>``, or
+    ``<display>`` unpruned, so two configurations never share cached predictions."""
+    return f"{display}__{config.tag()}" if config.tag() else display
+
+
 def _cpu_distributed() -> None:
     """VLMEvalKit's run.main() calls torch.cuda.set_device and NCCL when WORLD_SIZE > 1; on a CPU
     machine make the first a no-op and use gloo, so ``torchrun`` works without a GPU."""
@@ -214,7 +224,7 @@ def main(family: ModuleType, argv: Sequence[str] | None = None) -> None:
     start, end = _flag_values(argv, "--model")
     for i in range(start, end):
         display, path = resolve_checkpoint(family, argv[i], model_path)
-        name = f"{display}__{config.tag()}" if config.tag() else display
+        name = model_name(display, config)
         out = work_dir / name
         out.mkdir(parents=True, exist_ok=True)
         (out / "prune_config.json").write_text(json.dumps({"model": path, **config.to_dict()}, indent=2))

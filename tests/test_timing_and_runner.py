@@ -132,3 +132,21 @@ def test_runner_refuses_a_misspelt_variable_before_loading_anything(checkpoint):
 def test_runner_names_the_models_it_knows(checkpoint):
     bad = _run(checkpoint, {}, "--model", "Qwen2.5-VL-9B", "--data", "MME_tiny")
     assert bad.returncode != 0 and "Qwen2.5-VL-7B-Instruct" in bad.stderr and "--model-path" in bad.stderr
+
+
+@torch.no_grad()
+def test_records_carry_image_spans_and_the_kv_cache_size(tmp_path):
+    cfg = PruneConfig.from_env({"KEEP_RATIO": "0.25", "PRUNE_METHOD_PRE_LLM": "random_pre_llm"})
+    sink = TimingSink(text_dir=None, jsonl=tmp_path / "r.jsonl", rank=0)
+    model = custom_qwenvl.patch(tm.tiny_qwen(), cfg, sink)
+    inputs = tm.qwen_inputs(grids=((1, 8, 8), (1, 4, 4)))
+    out = model(**inputs, use_cache=True)
+    record = json.loads((tmp_path / "r.jsonl").read_text())
+    image = torch.nonzero(inputs["input_ids"][0] == tm.IMAGE_ID).flatten().tolist()
+    assert record["image_spans"] == [{"start": image[0], "n": 16, "grid": [1, 4, 4]}, {"start": image[16], "n": 4, "grid": [1, 2, 2]}]
+    # 4 layers x (keys + values) x [1, KV=2, L', hd=16] fp32, L' = prompt less the 15 pruned tokens.
+    n_kept = inputs["input_ids"].shape[1] - 15
+    assert record["kv_cache_bytes"] == 4 * 2 * 2 * n_kept * 16 * 4 == sum(
+        l.keys.numel() * 4 + l.values.numel() * 4 for l in out.past_key_values.layers
+    )
+    assert record["peak_memory_bytes"] is None  # CPU

@@ -1,0 +1,361 @@
+"""The sweep (``scripts/sweep.sh``), its aggregation and plots, end to end on the tiny Qwen checkpoint.
+
+One sweep, in the order a user meets it: ``--dry-run`` lists the cells; a sweep killed in its first
+cell (after VLMEvalKit saved some predictions), whose prediction root is then renamed to an older
+day as after midnight or a commit; the full sweep, which resumes that cell without recomputing the
+saved predictions and runs the others; a re-run, which starts no runner; then the tables and PNGs.
+A second part checks the aggregation's arithmetic on hand-written score files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import tiny_checkpoints
+import tiny_data
+from scripts import _common, aggregate, plots
+from utils import PruneConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "scripts" / "sweep.sh"
+DATA = "MME_tiny"
+N_SAMPLES = 28  # 14 categories x 1 image x 2 questions
+METHODS = "vanilla pre:random_pre_llm intra:fastv_intra_llm"
+RATIOS = ("0.5", "0.25")
+SEEDS = ("0", "1")
+
+
+def _name(ckpt: Path, env: dict[str, str]) -> str:
+    tag = PruneConfig.from_env(env).tag()
+    return f"{ckpt.name}__{tag}" if tag else ckpt.name
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("sweep")
+    ckpt = tiny_checkpoints.save_tiny_qwen(root / "tiny-qwen")
+    tiny_data.write_mme_tiny(root / "lmu", n_per_category=1)
+    # A python that logs its arguments, so a test can tell whether a runner was started.
+    wrapper = root / "python"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> "{root}/calls.log"\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEP_", "PRUNE_", "INTRA_LLM", "MMEVAL_ROOT"))}
+    env.update(LMUData=str(root / "lmu"), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    names = {"vanilla": _name(ckpt, {})}
+    for r in RATIOS:
+        for s in SEEDS:
+            names[f"random {r} {s}"] = _name(ckpt, {"KEEP_RATIO": r, "PRUNE_METHOD_PRE_LLM": "random_pre_llm", "PRUNE_SEED": s})
+        names[f"fastv {r}"] = _name(ckpt, {"KEEP_RATIO": r, "PRUNE_METHOD_INTRA_LLM": "fastv_intra_llm"})
+    cmd = ["bash", str(SWEEP), "--model", f"qwen {ckpt}", "--methods", METHODS, "--ratios", " ".join(RATIOS),
+           "--seeds", " ".join(SEEDS), "--datasets", DATA, "--work-dir", str(root / "work"), "--python", str(wrapper)]
+    return {"root": root, "ckpt": ckpt, "work": root / "work", "env": env, "cmd": cmd, "names": names,
+            "calls": root / "calls.log", "runner_args": ["--", "--max-new-tokens", "2"]}
+
+
+def _sweep(setup: dict, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*setup["cmd"], *flags, *setup["runner_args"]], env=setup["env"], cwd=setup["root"],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _runner_calls(setup: dict) -> list[str]:
+    calls = setup["calls"].read_text().splitlines() if setup["calls"].exists() else []
+    return [c for c in calls if "run_qwenvl2_5.py" in c]
+
+
+@pytest.fixture(scope="module")
+def dry(setup) -> subprocess.CompletedProcess:
+    return _sweep(setup, "--dry-run")
+
+
+@pytest.fixture(scope="module")
+def interrupted(setup, dry) -> int:
+    """Kill the sweep in its first cell once VLMEvalKit has saved predictions; move that prediction
+    root to an older day. Returns the number of saved predictions."""
+    vanilla = setup["work"] / setup["names"]["vanilla"]
+    proc = subprocess.Popen([*setup["cmd"], "--jobs", "1", *setup["runner_args"]], env=setup["env"], cwd=setup["root"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    saved: dict = {}
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            pkls = list(vanilla.glob(f"T*/01_{DATA}.pkl"))
+            saved = _common.load_pickle(pkls[0]) if pkls else {}
+            if saved:
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its runner (one session, started here)
+        proc.wait()
+    assert saved, "the first cell finished or failed before VLMEvalKit saved predictions"
+    (root,) = _common.pred_roots(vanilla)
+    assert not list(root.glob(f"*{DATA}_score.csv")), "the cell was not interrupted"
+    saved = _common.load_pickle(root / f"01_{DATA}.pkl")  # what is on disk after the kill
+    root.rename(root.with_name("T20000101_Gdeadbeef"))  # as if it were yesterday, or another commit
+    return len(saved)
+
+
+@pytest.fixture(scope="module")
+def full(setup, interrupted) -> subprocess.CompletedProcess:
+    return _sweep(setup, "--jobs", "2")
+
+
+@pytest.fixture(scope="module")
+def rerun(setup, full) -> dict:
+    ledgers = {n: _common.ledger_path(setup["work"], n).read_text() for n in setup["names"].values()}
+    setup["calls"].unlink()
+    proc = _sweep(setup)
+    return {"proc": proc, "ledgers_before": ledgers}
+
+
+@pytest.fixture(scope="module")
+def report(setup, rerun, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("report")
+    result = aggregate.aggregate(setup["work"], out, warmup=2)
+    return {"out": out, "result": result}
+
+
+# ----------------------------------------------------------------------------- the sweep
+def test_dry_run_lists_the_cells_and_runs_nothing(setup, dry):
+    assert dry.returncode == 0, dry.stderr
+    lines = [line for line in dry.stdout.splitlines() if line.startswith("todo")]
+    assert len(lines) == len(setup["names"]) == 7  # vanilla + 2 ratios x (2 seeds of random + fastv)
+    for name in setup["names"].values():
+        (line,) = [ln for ln in lines if ln.split()[1] == name]
+        assert f"--data {DATA}" in line and "run_qwenvl2_5.py" in line and "--max-new-tokens 2" in line
+    assert "export KEEP_RATIO=0.25 PRUNE_METHOD_PRE_LLM=random_pre_llm PRUNE_SEED=1" in dry.stdout
+    assert "export KEEP_RATIO=0.5 PRUNE_METHOD_INTRA_LLM=fastv_intra_llm" in dry.stdout
+    assert not _runner_calls(setup)
+    assert not setup["work"].exists()
+
+
+def test_the_sweep_runs_every_cell(setup, full):
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    for name in setup["names"].values():
+        assert _common.cell_status(setup["work"] / name, name, DATA) == "done", name
+        attempts, how = _common.cell_records(setup["work"], name, DATA, [DATA])
+        assert how == "ledger" and sum(map(len, attempts)) == N_SAMPLES, name
+    # Vanilla cells write records too (the sweep sets PREFILL_TIME) and have no pruning event.
+    (vanilla,) = _common.cell_records(setup["work"], setup["names"]["vanilla"], DATA, [DATA])[0][-1:]
+    assert all(r["events"] == [] and r["prefill_ms"] is not None for r in vanilla)
+
+
+def test_the_interrupted_cell_resumes_without_recomputing_saved_predictions(setup, interrupted, full):
+    name = setup["names"]["vanilla"]
+    work = setup["work"]
+    assert f"merged {interrupted} saved predictions from T20000101_Gdeadbeef/01_{DATA}.pkl" in full.stdout
+    n = len(_common.read_records(work / name))
+    first, second = _common.read_ledger(work, name, n)[DATA]
+    assert (first.saved_before, first.end is not None, first.rc) == (0, True, None)  # killed: no end line
+    assert second.saved_before == interrupted and second.rc == 0
+    assert second.end - second.start == N_SAMPLES - interrupted  # only the missing samples were generated
+    assert first.useful == interrupted and first.end - first.start >= interrupted
+    assert sum(len(a) for a in _common.cell_records(work, name, DATA, [DATA])[0]) == N_SAMPLES
+    # The current root is the one VLMEvalKit chose (checks the mirror of its naming in _common).
+    roots = [r.name for r in _common.pred_roots(work / name)]
+    assert _common.current_pred_root(work / name).name in roots and "T20000101_Gdeadbeef" in roots
+
+
+def test_a_rerun_skips_every_finished_cell(setup, rerun):
+    proc = rerun["proc"]
+    assert proc.returncode == 0, proc.stderr
+    assert not _runner_calls(setup)
+    assert sum(" skip " in line for line in proc.stdout.splitlines()) == len(setup["names"])
+    for name, text in rerun["ledgers_before"].items():
+        assert _common.ledger_path(setup["work"], name).read_text() == text
+
+
+# ----------------------------------------------------------------------------- tables and plots
+def test_accuracy_table_rows_and_columns(setup, report):
+    ckpt = setup["ckpt"].name
+    model = report["result"]["models"][ckpt]
+    assert model["datasets"] == [DATA]
+    table = pd.read_csv(report["out"] / f"{ckpt}_accuracy.csv")
+    assert list(table.columns) == ["kept ratio", "method", "stage", "seeds", "MME_tiny", "MME_tiny std",
+                                   "MME_tiny drop %", "Avg", "Avg drop %", "Avg complete"]
+    assert [(r["method"], r["kept ratio"]) for _, r in table.iterrows()] == [
+        ("vanilla", 1.0), ("fastv_intra_llm@L2", 0.5), ("random_pre_llm", 0.5),
+        ("fastv_intra_llm@L2", 0.25), ("random_pre_llm", 0.25)]
+    vanilla = table[table["method"] == "vanilla"].iloc[0]
+    assert all(vanilla[c] == 0 for c in table.columns if c.endswith("drop %"))
+    assert set(table[table["method"] == "random_pre_llm"]["seeds"]) == {"0 1"}
+    md = (report["out"] / f"{ckpt}_accuracy.md").read_text()
+    assert "Comprehensive<br>MME_tiny" in md and "| Vanilla | - |" in md
+    assert "*Retain 50.0% tokens (↓ 50.0%)*" in md and "*Retain 25.0% tokens (↓ 75.0%)*" in md
+    assert "random_pre_llm (seeds 0, 1) | pre | 0.00 ± 0.00 |" in md  # random weights: MME scores are 0
+    assert (report["out"] / "report.md").read_text().count("### ") == 2
+
+
+def test_system_metrics(setup, report):
+    ckpt = setup["ckpt"].name
+    rows = {(r["method"], r["kept ratio"], r["seed"]): r
+            for r in report["result"]["models"][ckpt]["system"]}
+    assert len(rows) == 7
+    for r in rows.values():
+        assert (r["records"], r["timed"], r["dataset"]) == (N_SAMPLES, N_SAMPLES - 2 * r["runs"], DATA)
+        assert r["prefill ms mean"] > 0 and r["prefill ms median"] > 0 and r["total s"] > 0
+        assert r["visual in"] == 16 and r["layers"] == 4 and r["KV dtype"] == "float32"
+    assert rows[("vanilla", 1.0, "-")]["runs"] == 2  # killed once, then resumed
+    assert rows[("vanilla", 1.0, "-")]["method ms mean"] == 0 and rows[("vanilla", 1.0, "-")]["FLOPs ratio"] == 1
+    # 16 visual tokens, 4 layers: pre-LLM keeps 8 everywhere; FastV at layer 2 keeps 16, 16, 8, 8.
+    assert rows[("random_pre_llm", 0.5, 0)]["equiv tokens"] == 8 and rows[("random_pre_llm", 0.25, 1)]["equiv tokens"] == 4
+    assert rows[("fastv_intra_llm@L2", 0.5, "-")]["equiv tokens"] == 12
+    assert rows[("fastv_intra_llm@L2", 0.25, "-")]["equiv tokens"] == 10
+    assert rows[("fastv_intra_llm@L2", 0.5, "-")]["method ms mean"] > 0
+    flops = [rows[k]["FLOPs ratio"] for k in (("random_pre_llm", 0.5, 0), ("random_pre_llm", 0.25, 0))]
+    assert 1 > flops[0] > flops[1] > 0
+    assert rows[("random_pre_llm", 0.25, 0)]["KV MB"] < rows[("random_pre_llm", 0.25, 0)]["KV MB full"]
+    md = (report["out"] / f"{ckpt}_system.md").read_text()
+    assert "first 2 samples of every runner process excluded as warm-up" in md
+    assert "16.0 → 4.0" in md
+
+
+def test_plots(setup, report):
+    out = report["out"] / "plots"
+    paths = plots.make_plots(setup["work"], out, report["result"]["cells"])
+    name = setup["names"]["fastv 0.5"]
+    paths.append(plots.overlay(setup["work"], name, DATA, 3, setup["root"] / "lmu", out))
+    ckpt = setup["ckpt"].name
+    assert [p.name for p in paths] == [f"{ckpt}_accuracy_vs_ratio.png", f"{ckpt}_accuracy_vs_prefill.png",
+                                       f"overlay_{name}_{DATA}_s3.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+# ----------------------------------------------------------------------------- aggregation arithmetic
+def _cell(work: Path, name: str, cfg: dict, scores: dict[str, str]) -> None:
+    folder = work / name
+    folder.mkdir(parents=True)
+    full = {"model": str(work / "no-checkpoint"), "pre_method": None, "keep_ratio": None, "intra": [],
+            "method_args": {}, "seed": 0, "time_method": True, "time_prefill": True, **cfg}
+    (folder / "prune_config.json").write_text(json.dumps(full))
+    for data, text in scores.items():
+        (folder / f"{name}_{data}.xlsx").write_bytes(b"")
+        suffix = {"MME": "_score.csv", "POPE": "_score.csv", "MMBench_DEV_EN": "_acc.csv", "OCRBench": "_score.json",
+                  "MathVista_MINI": "_gpt-4o-mini_score.csv"}[data]
+        (folder / f"{name}_{data}{suffix}").write_text(text)
+
+
+def _mme(p: float, r: float) -> str:
+    return f"perception,reasoning,OCR\n{p},{r},0\n"
+
+
+def _pope(f1: float) -> str:
+    return f"split,Overall,acc,precision,recall\nOverall,{f1},1,1,1\nadversarial,1,1,1,1\n"
+
+
+def _mmb(acc: float) -> str:
+    return f"split,Overall,AR\ndev,{acc},0.1\n"
+
+
+def test_aggregation_arithmetic_on_written_score_files(tmp_path):
+    work = tmp_path / "work"
+    rnd = {"pre_method": "random_pre_llm", "keep_ratio": 0.111}
+    _cell(work, "M", {}, {"MME": _mme(1400, 400), "POPE": _pope(80.0), "MMBench_DEV_EN": _mmb(0.75),
+                          "OCRBench": json.dumps({"Final Score": {"sum": 600, "count": 1000}}),
+                          "MathVista_MINI": "Task&Skill,tot,acc\nOverall,1000,60.0\nFQA,10,1\n"})
+    _cell(work, "M__random_pre_llm-r0.111__seed0", {**rnd, "seed": 0}, {"MME": _mme(1260, 360), "POPE": _pope(70.0), "MMBench_DEV_EN": _mmb(0.7)})
+    _cell(work, "M__random_pre_llm-r0.111__seed1", {**rnd, "seed": 1}, {"MME": _mme(1200, 340), "POPE": _pope(72.0), "MMBench_DEV_EN": _mmb(0.6)})
+    _cell(work, "M__divprune_pre_llm-r0.333", {"pre_method": "divprune_pre_llm", "keep_ratio": 0.333}, {"MME": _mme(1400, 400)})
+    _cell(work, "M__L2-fastv_intra_llm-r0.111", {"intra": [{"layer": 2, "method": "fastv_intra_llm", "ratio": 0.111}]},
+          {"POPE": _pope(88.0)})
+    result = aggregate.aggregate(work, tmp_path / "out")
+    model = result["models"]["M"]
+    assert model["datasets"] == ["MME", "MMBench_DEV_EN", "OCRBench", "POPE", "MathVista_MINI"]  # ability order
+    rows = {(r["method"], r["kept ratio"]): r for r in model["accuracy"]}
+    assert list(rows) == [("vanilla", 1.0), ("divprune_pre_llm", 0.333), ("fastv_intra_llm@L2", 0.111),
+                          ("random_pre_llm", 0.111)]
+    v = rows[("vanilla", 1.0)]
+    assert v["MME"] == pytest.approx(1800 / 28) and v["MMB-en"] == pytest.approx(75) and v["POPE"] == 80
+    assert v["OCR-B"] == pytest.approx(60) and v["MathVista"] == 60
+    assert v["Avg"] == pytest.approx((1800 / 28 + 75 + 60 + 80 + 60) / 5)
+    assert all(v[c] == 0 for c in v if c.endswith("drop %"))
+    r = rows[("random_pre_llm", 0.111)]
+    mme = [1620 / 28, 1540 / 28]
+    assert r["MME"] == pytest.approx(sum(mme) / 2) and r["MME std"] == pytest.approx(abs(mme[0] - mme[1]) / math.sqrt(2))
+    assert r["MME drop %"] == pytest.approx((1800 / 28 - sum(mme) / 2) / (1800 / 28) * 100)
+    assert r["MMB-en"] == pytest.approx(65) and r["MMB-en drop %"] == pytest.approx(100 * 10 / 75)
+    assert r["seeds"] == "0 1" and not r["Avg complete"] and r["OCR-B"] is None
+    assert r["Avg drop %"] == pytest.approx((80 + 75 + 1800 / 28 - 71 - 65 - sum(mme) / 2) / (80 + 75 + 1800 / 28) * 100)
+    fastv = rows[("fastv_intra_llm@L2", 0.111)]
+    assert fastv["POPE drop %"] == pytest.approx(-10) and fastv["stage"] == "intra"
+    md = (tmp_path / "out" / "M_accuracy.md").read_text()
+    assert "↑10.0%" in md and "56.43 ± 2.02" in md and "*Retain 11.1% tokens (↓ 88.9%)*" in md
+    assert md.index("Comprehensive<br>MME") < md.index("OCR<br>OCR-B") < md.index("Hallucination<br>POPE")
+
+
+def test_carry_forward_copies_a_finished_prediction_file(tmp_path):
+    model_dir = tmp_path / "N"
+    old = model_dir / "T19990101_Gabc"
+    old.mkdir(parents=True)
+    (old / f"N_{DATA}.xlsx").write_bytes(b"predictions")
+    with open(old / f"01_{DATA}.pkl", "wb") as f:
+        pickle.dump({1: "Yes"}, f)
+    assert _common.cell_status(model_dir, "N", DATA) == "partial"
+    assert "copied all predictions" in _common.carry_forward(model_dir, "N", DATA)
+    current = _common.current_pred_root(model_dir)
+    assert (current / f"N_{DATA}.xlsx").read_bytes() == b"predictions"
+    assert (old / f"N_{DATA}.xlsx").exists()  # copied, never moved
+    assert "VLMEvalKit's own state" in _common.carry_forward(model_dir, "N", DATA)
+    shutil.rmtree(current)
+    (old / f"N_{DATA}.xlsx").unlink()
+    assert "merged 1 saved predictions" in _common.carry_forward(model_dir, "N", DATA)
+    assert _common.load_pickle(current / f"01_{DATA}.pkl") == {1: "Yes"}
+
+
+def test_score_readers_on_files_vlmeval_wrote(tmp_path, monkeypatch):
+    """A perfect model scores 100 on every rule-scored tiny dataset and an always-"Yes"/"A" model
+    scores MME 25 (50 a category, acc+ 0) and POPE 200/3 (F1 at precision 1/2, recall 1), read back
+    by the same readers the tables use, from the files VLMEvalKit itself wrote."""
+    import ast
+    import functools
+
+    import vlmeval.config
+    import vlmeval.dataset.image_base
+    import vlmeval.run
+    from vlmeval.vlm.base import BaseModel
+
+    names = ["MME_tiny", "MMBench_DEV_EN_tiny", "OCRBench_tiny", "ScienceQA_TEST_tiny", "POPE_tiny", "HallusionBench_tiny"]
+    lmu, work = tmp_path / "lmu", tmp_path / "work"
+    answers = {}
+    for name in names:
+        df = pd.read_csv(tiny_data.write_tiny(name, lmu), sep="\t", dtype=str, keep_default_na=False)
+        values = [ast.literal_eval(a)[0] for a in df["answer"]] if name.startswith("OCRBench") else list(df["answer"])
+        answers[name] = dict(zip(df["index"], values))
+
+    class Oracle(BaseModel):
+        def generate_inner(self, message, dataset=None):
+            return answers[dataset][Path(next(m["value"] for m in message if m["type"] == "image")).stem]
+
+    class Const(BaseModel):
+        def generate_inner(self, message, dataset=None):
+            return "Yes" if dataset in ("MME_tiny", "POPE_tiny", "HallusionBench_tiny") else "A"
+
+    monkeypatch.setenv("LMUData", str(lmu))
+    for var in ("MMEVAL_ROOT", "WORLD_SIZE", "RANK", "OPENAI_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(vlmeval.dataset.image_base, "download_file", lambda *a, **k: pytest.fail("download"))
+    monkeypatch.setitem(vlmeval.config.supported_VLM, "oracle", functools.partial(Oracle))
+    monkeypatch.setitem(vlmeval.config.supported_VLM, "const", functools.partial(Const))
+    tiny_data.register_tiny_datasets()
+    monkeypatch.setattr(sys, "argv", ["vlmeval", "--model", "oracle", "const", "--data", *names, "--work-dir", str(work),
+                                      "--judge", "exact_matching", "--api-nproc", "1"])
+    vlmeval.run.main()
+    for name in names:
+        path = _common.find_score_file(work / "oracle", "oracle", name)
+        assert path is not None and _common.read_score(path, name) == pytest.approx(100.0), name
+        assert _common.cell_status(work / "const", "const", name) == "done"
+    const = {n: _common.read_score(_common.find_score_file(work / "const", "const", n), n) for n in ("MME_tiny", "POPE_tiny")}
+    assert const == pytest.approx({"MME_tiny": 25.0, "POPE_tiny": 200 / 3})
