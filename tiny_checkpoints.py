@@ -15,7 +15,7 @@ import tv_compat
 
 tv_compat.ensure_torchvision()
 
-import torch  # noqa: E402
+import tiny_models  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +55,29 @@ def build_tokenizer(specials: list[str], vocab_size: int = 400):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[0], pad_token=specials[0])
 
 
+def _random_model(model_cls, cfg, tok, seed: int, *, stop, pad: int, **text_ids: int):
+    """A random-weight ``model_cls`` over tokenizer ``tok``: the decoder's vocabulary size and special
+    ids (``text_ids``: bos/eos/pad_token_id) from it, greedy generation stopping at ``stop``."""
+    from transformers import GenerationConfig
+
+
+    cfg.text_config.vocab_size = len(tok)
+    for key, value in text_ids.items():
+        setattr(cfg.text_config, key, value)
+    model = tiny_models._build(model_cls, cfg, seed)
+    model.generation_config = GenerationConfig(eos_token_id=stop, pad_token_id=pad, do_sample=False)
+    return model
+
+
 def save_tiny_qwen(path: str | Path, seed: int = 0, image_pixels: int = 112 * 112) -> Path:
     """Save a tiny Qwen2.5-VL checkpoint (a 112-px image gives 8x8 patches, 16 visual tokens)."""
     from transformers import (
-        GenerationConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
         Qwen2VLImageProcessor,
         Qwen2VLVideoProcessor,
     )
 
-    import tiny_models
 
     path = Path(path)
     tok = build_tokenizer(QWEN_SPECIALS)
@@ -73,12 +85,10 @@ def save_tiny_qwen(path: str | Path, seed: int = 0, image_pixels: int = 112 * 11
     cfg = tiny_models.tiny_qwen_config()
     cfg.image_token_id, cfg.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
     cfg.vision_start_token_id, cfg.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
-    cfg.text_config.vocab_size = len(tok)
-    cfg.text_config.bos_token_id = cfg.text_config.eos_token_id = ids["<|endoftext|>"]
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    model.generation_config = GenerationConfig(
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"], do_sample=False
+    model = _random_model(
+        Qwen2_5_VLForConditionalGeneration, cfg, tok, seed,
+        stop=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"],
     )
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=image_pixels, max_pixels=image_pixels),
@@ -123,7 +133,6 @@ def save_tiny_internvl(path: str | Path, seed: int = 0, max_tiles: int = 4) -> P
     is one tile (16 tokens), a 224x112 one is 2 crops + thumbnail (48 tokens).
     """
     from transformers import (
-        GenerationConfig,
         GotOcr2ImageProcessor,
         InternVLForConditionalGeneration,
         InternVLProcessor,
@@ -131,7 +140,6 @@ def save_tiny_internvl(path: str | Path, seed: int = 0, max_tiles: int = 4) -> P
         PreTrainedTokenizerFast,
     )
 
-    import tiny_models
 
     path = Path(path)
     base = build_tokenizer(INTERNVL_SPECIALS)
@@ -144,14 +152,10 @@ def save_tiny_internvl(path: str | Path, seed: int = 0, max_tiles: int = 4) -> P
     ids = {t: tok.convert_tokens_to_ids(t) for t in INTERNVL_SPECIALS}
     cfg = tiny_models.tiny_internvl_config()
     cfg.image_token_id = ids["<IMG_CONTEXT>"]
-    cfg.text_config.vocab_size = len(tok)
-    cfg.text_config.bos_token_id = ids["<|endoftext|>"]
-    cfg.text_config.eos_token_id = ids["<|im_end|>"]
-    cfg.text_config.pad_token_id = ids["<|endoftext|>"]
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(cfg).eval()
-    model.generation_config = GenerationConfig(
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"], do_sample=False
+    model = _random_model(
+        InternVLForConditionalGeneration, cfg, tok, seed,
+        stop=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )
     tile = {"height": tiny_models.INTERNVL_TILE_PX, "width": tiny_models.INTERNVL_TILE_PX}
     processor = InternVLProcessor(
@@ -194,13 +198,11 @@ def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
     """
     from transformers import (
         CLIPImageProcessor,
-        GenerationConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
         PreTrainedTokenizerFast,
     )
 
-    import tiny_models
 
     path = Path(path)
     base = build_tokenizer(LLAVA_SPECIALS)
@@ -210,13 +212,10 @@ def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
     ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
     cfg = tiny_models.tiny_llava_config()
     cfg.image_token_id = ids["<image>"]
-    cfg.text_config.vocab_size = len(tok)
-    cfg.text_config.bos_token_id = ids["<s>"]
-    cfg.text_config.eos_token_id = ids["</s>"]
-    cfg.text_config.pad_token_id = ids["</s>"]
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.generation_config = GenerationConfig(eos_token_id=ids["</s>"], pad_token_id=ids["</s>"], do_sample=False)
+    model = _random_model(
+        LlavaForConditionalGeneration, cfg, tok, seed, stop=ids["</s>"], pad=ids["</s>"],
+        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["</s>"],
+    )
     px = tiny_models.LLAVA_IMAGE_PX
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": px}, crop_size={"height": px, "width": px}),
