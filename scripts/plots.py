@@ -87,6 +87,17 @@ def _grid(n: int) -> tuple[plt.Figure, list[plt.Axes]]:
     return fig, flat[:n]
 
 
+def _finish(fig: plt.Figure, handles: list, labels: list[str], title: str, path: Path) -> Path:
+    """One legend under the panels, the title, and the PNG."""
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def accuracy_vs_ratio(model: str, cells: list[aggregate.Cell], out: Path) -> Path:
     datasets = sorted({c.data for c in cells if c.score is not None}, key=_common.dataset_sort_key)
     panels = [*datasets, None]
@@ -108,14 +119,7 @@ def accuracy_vs_ratio(model: str, cells: list[aggregate.Cell], out: Path) -> Pat
         ax.set_ylabel("score")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    fig.suptitle(f"{model}: accuracy vs kept ratio")
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    path = out / f"{_safe(model)}_accuracy_vs_ratio.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, handles, labels, f"{model}: accuracy vs kept ratio", out / f"{_safe(model)}_accuracy_vs_ratio.png")
 
 
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -155,14 +159,8 @@ def accuracy_vs_prefill(model: str, cells: list[aggregate.Cell], out: Path) -> P
                 seen.add(lab)
                 handles.append(h)
                 labels.append(lab)
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    fig.suptitle(f"{model}: accuracy vs prefill time (labels: kept ratio; gray: frontier)")
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    path = out / f"{_safe(model)}_accuracy_vs_prefill.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    title = f"{model}: accuracy vs prefill time (labels: kept ratio; gray: frontier)"
+    return _finish(fig, handles, labels, title, out / f"{_safe(model)}_accuracy_vs_prefill.png")
 
 
 # ----------------------------------------------------------------------------- retained-token overlay
