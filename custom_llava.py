@@ -57,12 +57,19 @@ class LlavaFamily(prune_engine.Family):
         return [entry] * pixel_values.shape[0]
 
     def capture_vision(self, model: nn.Module, store: dict[str, Any]) -> list[Any]:
-        """Hooks on the CLIP layer whose output is ``hidden_states[vision_feature_layer]``.
+        """Hooks on the CLIP layer whose output is ``hidden_states[vision_feature_layer]`` (the
+        feature layer) and on the last CLIP layer; one vision pass serves the model and the method.
 
-        ``vit_cls_attention``: the [CLS] row of that layer's attention probabilities, from its own
-        ``q_proj``/``k_proj`` on its (layer-normed) input, so it equals ``attentions[-2][:, :, 0, 1:]``
-        of an eager pass, without one; ``vit_features``: that layer's output without CLS (the
-        features the projector receives). One vision pass serves both the model and the method.
+        Per image (leading dimension = image): ``vit_cls_attention`` ``[H, N]``: the [CLS] row of the
+        feature layer's attention probabilities, from its own ``q_proj``/``k_proj`` on its
+        (layer-normed) input, so it equals ``attentions[-2][:, :, 0, 1:]`` of an eager pass, without
+        one; ``vit_feature_keys`` ``[1+N, hd]``: that ``k_proj`` output split into heads and
+        averaged over them (VisionZip's ``metric``); ``vit_features`` ``[N, C]`` /
+        ``vit_cls_feature`` ``[C]``: the feature layer's output without / only CLS (the projector
+        receives the former); ``vit_last_queries`` / ``vit_last_keys`` ``[1+N, C]``: the outputs of
+        the LAST layer's ``q_proj`` / ``k_proj`` modules, as PruMerge's forward hooks read them
+        (CLIP-L: layer 23, which runs although the features come from layer 22).
+        ``vit_projector``: ``multi_modal_projector``, not per image.
         """
         layer_sel = model.config.vision_feature_layer
         strategy = model.config.vision_feature_select_strategy
@@ -83,15 +90,24 @@ class LlavaFamily(prune_engine.Family):
             k = module.k_proj(h).view(b, n, -1, module.head_dim).transpose(1, 2)  # [B, H, 1+N, hd]
             probs = ((q @ k.transpose(-1, -2)).float() * module.scale).softmax(dim=-1)  # [B, H, 1, 1+N]
             store["vit_cls_attention"] = probs[:, :, 0, 1:]  # per image [H, N]
+            store["vit_feature_keys"] = k.mean(dim=1)  # [B, 1+N, hd]
 
         def features(module: nn.Module, args: tuple, output: Any) -> None:
             out = output[0] if isinstance(output, tuple) else output  # [B, 1+N, C]
             store["vit_features"] = out[:, 1:]
+            store["vit_cls_feature"] = out[:, 0]
 
+        def saver(name: str):
+            return lambda module, args, output: store.__setitem__(name, output)  # [B, 1+N, C]
+
+        store["vit_projector"] = model.model.multi_modal_projector
+        last = layers[-1].self_attn
         with torch.no_grad():
             return [
                 layer.self_attn.register_forward_pre_hook(cls_attention, with_kwargs=True),
                 layer.register_forward_hook(features),
+                last.q_proj.register_forward_hook(saver("vit_last_queries")),
+                last.k_proj.register_forward_hook(saver("vit_last_keys")),
             ]
 
 

@@ -86,8 +86,9 @@ class Family:
         return position_ids, position_ids
 
     def capture_vision(self, model: nn.Module, store: dict[str, Any]) -> list[Any]:
-        """Register hooks that fill ``store`` with the ViT inputs some methods need
-        (``vit_cls_attention``: per image ``[H, N]``; ``vit_features``: per image ``[N, C]``) during
+        """Register hooks that fill ``store`` with the ViT inputs some methods need (the ``vit_*``
+        entries of :data:`methods.NEEDS`, batched over images: e.g. ``vit_cls_attention``
+        ``[n_images, H, N]``, ``vit_features`` ``[n_images, N, C]``; ``vit_projector`` as is) during
         the one vision pass of a prefill; return the hook handles (removed after the prefill)."""
         raise NotImplementedError(f"{self.name} provides no ViT [CLS] inputs (its vision encoder has no [CLS] token)")
 
@@ -647,15 +648,25 @@ def _compute_needs(
             out[need] = lambda idx, *_, h=hidden: text.norm(h[0, int(idx.max()) + 1 :])
         elif need == "sequence_index":
             out[need] = lambda idx, *_: idx
-        elif need in ("vit_cls_attention", "vit_features"):
+        elif need in (
+            "vit_cls_attention", "vit_features", "vit_cls_feature", "vit_feature_keys", "vit_last_queries",
+            "vit_last_keys", "vit_projector",
+        ):
             if need not in state.vision:
                 raise RuntimeError(f"{need} was not captured during the vision pass")
             # Per image, the survivors (pre-LLM runs first, so all of them): rows of [N, C],
-            # columns of [H, N].
+            # columns of [H, N]; [1 + N, .] tensors keep their [CLS] row first.
+            v = state.vision[need]
             if need == "vit_features":
-                out[need] = lambda idx, img, seg, v=state.vision[need]: v[img][seg.alive]
+                out[need] = lambda idx, img, seg, v=v: v[img][seg.alive]
+            elif need == "vit_cls_attention":
+                out[need] = lambda idx, img, seg, v=v: v[img][:, seg.alive]
+            elif need == "vit_cls_feature":
+                out[need] = lambda idx, img, seg, v=v: v[img]
+            elif need == "vit_projector":
+                out[need] = lambda *_, p=v: p  # a callable itself: not evaluated per image
             else:
-                out[need] = lambda idx, img, seg, v=state.vision[need]: v[img][:, seg.alive]
+                out[need] = lambda idx, img, seg, v=v: v[img][torch.cat([seg.alive.new_zeros(1), seg.alive + 1])]
         elif need == "text_features":
             # "Text" is every token after the image (question + assistant prefix), as in METHODS.md.
             out[need] = lambda idx, *_, h=hidden: h[0, int(idx.max()) + 1 :]

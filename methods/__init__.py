@@ -93,6 +93,30 @@ NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("pre_llm",),
     ),
     "vit_features": ("[N, C] the ViT's feature-layer patch features (before the projector).", ("pre_llm",)),
+    "vit_cls_feature": (
+        "[C] the [CLS] row of the same feature-layer output (LLaVA: hidden_states[-2][:, 0]), before "
+        "the projector. VisionZip's first output token.",
+        ("pre_llm",),
+    ),
+    "vit_feature_keys": (
+        "[1 + N, hd] the feature layer's own keys ([CLS] first, then this image's patches): k_proj on "
+        "its layer-normed input, split into H heads of hd, averaged over heads, unscaled. VisionZip's "
+        "`metric` (layers[-2] in LLaVA).",
+        ("pre_llm",),
+    ),
+    "vit_last_queries": (
+        "[1 + N, C] output of the LAST ViT layer's self_attn.q_proj ([CLS] first, then this image's "
+        "patches): bias included, no head split, no scaling. LLaVA: CLIP layer 23 of 24, the layer "
+        "PruMerge hooks (it runs although its output is not the feature layer's).",
+        ("pre_llm",),
+    ),
+    "vit_last_keys": ("[1 + N, C] the same for the last ViT layer's self_attn.k_proj.", ("pre_llm",)),
+    "vit_projector": (
+        "callable [K, C] -> [K, D]: the model's multimodal projector (LLaVA: multi_modal_projector), "
+        "for methods that merge ViT-space features (vit_features) before projecting them, as the "
+        "originals do; its output replaces the kept tokens' features.",
+        ("pre_llm",),
+    ),
     "text_features": (
         "[T, D] the states of the text tokens after this image (question + assistant prefix), at "
         "the same point as ctx.features.",
