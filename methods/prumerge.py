@@ -1,11 +1,28 @@
 """LLaVA-PruMerge: adaptive [CLS]-attention outlier selection plus key-similarity merging (Shang et al., 2024).
 
-Not registered yet: the engine does not provide the CLIP internals it needs (layer-23 q/k
-projections and the penultimate features, before the projector), and its output has one more
-token than it keeps indices for (see :func:`prumerge_select`). The functions here are the
-selection and merge on explicit tensors. Paper: https://arxiv.org/abs/2403.15388; original:
-42Shawn/LLaVA-PruMerge @097c041, ``llava/model/multimodal_encoder/clip_encoder.py ::
-token_prune_merge_advanced`` (l.85). PruMerge+ is in :mod:`methods.prumerge_plus`.
+Registered as ``prumerge_pre_llm`` for LLaVA: the engine captures the last CLIP layer's
+``q_proj``/``k_proj`` outputs and the feature layer's patches during the one vision pass, and the
+method projects its merged ViT-space tokens with the model's projector (the original merges before
+the projector). Qwen2.5-VL's and InternVL's encoders have no [CLS] token: the configuration refuses
+them. The functions below are the selection and merge on explicit tensors. Paper:
+https://arxiv.org/abs/2403.15388; original: 42Shawn/LLaVA-PruMerge @097c041,
+``llava/model/multimodal_encoder/clip_encoder.py :: token_prune_merge_advanced`` (l.85). PruMerge+
+is in :mod:`methods.prumerge_plus`.
+
+In the harness (see :func:`prumerge_engine_output`, shared with PruMerge+):
+
+* **count**: the original's adaptive one (IQR outliers, plus PruMerge+'s samples, plus the extra
+  token); ``KEEP_RATIO`` only caps it at ``budget(N, KEEP_RATIO)`` tokens, extra token included, by
+  keeping the first ``budget - 1`` of the original's output order. The paper reports ~5.5% of
+  LLaVA-1.5's 576 tokens for PruMerge (~25% for PruMerge+), so ``KEEP_RATIO`` of about 0.1 (0.3)
+  or more usually leaves the original's selection unchanged; ``KEEP_RATIO=1`` prunes nothing, as
+  for every method. The trace reports the actual count per image.
+* **extra token** (the original appends ``sum over pruned j of a_j x_j`` last, output K + 1): it
+  takes the sequence slot of the LAST pruned token of the image (the free slot nearest to where the
+  original puts it), so the image keeps K + 1 tokens.
+* **order and positions**: every kept token stays at its own patch's position (spatial order,
+  original position ids, the harness's convention), where the original feeds them in descending
+  attention order with sequential positions.
 """
 
 from __future__ import annotations
@@ -15,6 +32,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from methods import PruneContext, register_prune
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -96,11 +115,15 @@ def prumerge_merge(
     return merged, extra
 
 
-def prumerge_select(features: torch.Tensor, keys: torch.Tensor, cls_attn: torch.Tensor) -> PruMergeOutput:
+def prumerge_select(
+    features: torch.Tensor, keys: torch.Tensor, cls_attn: torch.Tensor, *, limit: int | None = None
+) -> PruMergeOutput:
     """PruMerge (``token_prune_merge_advanced`` with ``if_adaptive=True``): outliers, then merge.
 
     Args:
         features: ``[N, C]``, keys: ``[N, C]``, cls_attn: ``[N]`` as in :func:`prumerge_merge`.
+        limit: keep at most this many tokens, the first of the output order (the harness's cap;
+            ``None``: the original).
 
     Returns:
         :class:`PruMergeOutput`: ``indices`` = the top ``int(N * ratio)`` tokens by [CLS] attention in
@@ -110,6 +133,46 @@ def prumerge_select(features: torch.Tensor, keys: torch.Tensor, cls_attn: torch.
     """
     n = features.shape[0]
     ratio = prumerge_outlier_ratio(cls_attn)
-    idx = cls_attn.topk(int(n * ratio)).indices
+    idx = cls_attn.topk(int(n * ratio)).indices[:limit]
     merged, extra = prumerge_merge(features, keys, cls_attn, idx)
     return PruMergeOutput(idx, merged, extra)
+
+
+def prumerge_engine_output(ctx: PruneContext, out: PruMergeOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices [K + 1], features [K + 1, D])`` for the engine: the kept tokens' merged features
+    and the extra token, in the slot of the last pruned token, all through ``ctx["vit_projector"]``.
+    ``out`` keeps fewer than ``ctx.n`` tokens (the engine runs a method only to prune)."""
+    free = torch.ones(ctx.n, dtype=torch.bool, device=out.indices.device)
+    free[out.indices] = False
+    slot = torch.nonzero(free).flatten()[-1:]  # [1] the last pruned token
+    vit = torch.cat([out.merged, out.extra.unsqueeze(0)])  # [K + 1, C]
+    return torch.cat([out.indices, slot]), ctx["vit_projector"](vit)
+
+
+PRUMERGE_NEEDS = ("vit_features", "vit_last_queries", "vit_last_keys", "vit_projector")
+
+
+@register_prune(
+    "prumerge_pre_llm",
+    stage="pre_llm",
+    needs=PRUMERGE_NEEDS,
+    exact_count=False,
+    families=("llava",),
+    source="42Shawn/LLaVA-PruMerge",
+    paper="https://arxiv.org/abs/2403.15388",
+    deviation=(
+        "Not in UniPruneBench's code release. Adaptive (IQR) count, capped by KEEP_RATIO (extra token "
+        "included); tokens in spatial order at their own positions (original: descending attention, "
+        "sequential positions); the extra token takes the last pruned token's slot."
+    ),
+)
+def prumerge(ctx: PruneContext, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the [CLS]-attention outliers (IQR), merge their key-nearest neighbours into them, plus one summary token.
+
+    The attention is the original's one full-width head from the last CLIP layer's ``q_proj`` /
+    ``k_proj`` outputs; merging runs on the feature layer's patches before the projector. ``keep``
+    (``budget(N, KEEP_RATIO)``) only caps the adaptive count; see the module docstring.
+    """
+    q, k = ctx["vit_last_queries"], ctx["vit_last_keys"]  # [1 + N, C]
+    out = prumerge_select(ctx["vit_features"], k[1:], prumerge_cls_attention(q, k), limit=keep - 1)
+    return prumerge_engine_output(ctx, out)

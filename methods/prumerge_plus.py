@@ -1,6 +1,8 @@
 """LLaVA-PruMerge+: PruMerge plus spatially uniform samples (Shang et al., 2024).
 
-Not registered yet, for the reasons given in :mod:`methods.prumerge`. Paper:
+Registered as ``prumerge_plus_pre_llm`` for LLaVA, mapped onto the engine exactly as PruMerge (count
+capped by ``KEEP_RATIO``, extra token in the last pruned slot, spatial order; see
+:mod:`methods.prumerge`). Paper:
 https://arxiv.org/abs/2403.15388; original: 42Shawn/LLaVA-PruMerge @097c041,
 ``llava/model/multimodal_encoder/clip_encoder.py :: token_prune_merge_advanced_plus`` (l.174),
 the variant the repository's ``forward`` calls (l.295).
@@ -10,7 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from methods.prumerge import PruMergeOutput, prumerge_merge, prumerge_outlier_ratio
+from methods import PruneContext, register_prune
+from methods.prumerge import (
+    PRUMERGE_NEEDS,
+    PruMergeOutput,
+    prumerge_cls_attention,
+    prumerge_engine_output,
+    prumerge_merge,
+    prumerge_outlier_ratio,
+)
 
 
 def prumerge_plus_samples(idx: torch.Tensor, ratio: float, n: int) -> torch.Tensor:
@@ -37,13 +47,17 @@ def prumerge_plus_samples(idx: torch.Tensor, ratio: float, n: int) -> torch.Tens
     return torch.tensor([s for s in range(0, n - 1, stride) if s not in taken], dtype=torch.long, device=idx.device)
 
 
-def prumerge_plus_select(features: torch.Tensor, keys: torch.Tensor, cls_attn: torch.Tensor) -> PruMergeOutput:
+def prumerge_plus_select(
+    features: torch.Tensor, keys: torch.Tensor, cls_attn: torch.Tensor, *, limit: int | None = None
+) -> PruMergeOutput:
     """PruMerge+ (``token_prune_merge_advanced_plus`` with ``if_adaptive=True``).
 
     Args:
         features: ``[N, C]`` penultimate CLIP patch features (``hidden_states[-2][:, 1:]``).
         keys: ``[N, C]`` layer-23 ``k_proj`` outputs of the patches.
         cls_attn: ``[N]`` from :func:`methods.prumerge.prumerge_cls_attention`.
+        limit: keep at most this many tokens, the first of the output order (outliers, then
+            samples; the harness's cap, applied before merging; ``None``: the original).
 
     Returns:
         :class:`~methods.prumerge.PruMergeOutput`: ``indices`` = the ``int(N * ratio)`` outliers in
@@ -54,6 +68,30 @@ def prumerge_plus_select(features: torch.Tensor, keys: torch.Tensor, cls_attn: t
     n = features.shape[0]
     ratio = prumerge_outlier_ratio(cls_attn)
     idx = cls_attn.topk(int(n * ratio)).indices
-    idx = torch.cat([idx, prumerge_plus_samples(idx, ratio, n)])
+    idx = torch.cat([idx, prumerge_plus_samples(idx, ratio, n)])[:limit]
     merged, extra = prumerge_merge(features, keys, cls_attn, idx)
     return PruMergeOutput(idx, merged, extra)
+
+
+@register_prune(
+    "prumerge_plus_pre_llm",
+    stage="pre_llm",
+    needs=PRUMERGE_NEEDS,
+    exact_count=False,
+    families=("llava",),
+    source="42Shawn/LLaVA-PruMerge",
+    paper="https://arxiv.org/abs/2403.15388",
+    deviation=(
+        "Not in UniPruneBench's code release. As prumerge_pre_llm (KEEP_RATIO caps the adaptive count, "
+        "spatial order, extra token in the last pruned slot); sampling ends at N-1 (the original's 575), "
+        "no-outlier and ratio > 1/3 cases defined (the original fails)."
+    ),
+)
+def prumerge_plus(ctx: PruneContext, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PruMerge plus spatially uniform samples: outliers and every stride-th token, merged, plus one summary token.
+
+    ``keep`` (``budget(N, KEEP_RATIO)``) only caps the adaptive count; see :mod:`methods.prumerge`.
+    """
+    q, k = ctx["vit_last_queries"], ctx["vit_last_keys"]  # [1 + N, C]
+    out = prumerge_plus_select(ctx["vit_features"], k[1:], prumerge_cls_attention(q, k), limit=keep - 1)
+    return prumerge_engine_output(ctx, out)

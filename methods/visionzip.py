@@ -1,11 +1,21 @@
 """VisionZip: dominant tokens by [CLS] attention plus merged contextual tokens (Yang et al., CVPR 2025).
 
-Not registered yet: the engine does not provide the ViT internals it needs (penultimate-layer
-[CLS] attention, keys and hidden states), Qwen2.5-VL's ViT has no [CLS] token, and the
-original's output includes the [CLS] token itself. :func:`visionzip_select` is the selection and
-merge on explicit tensors. Paper: https://arxiv.org/abs/2412.04467; original:
-dvlab-research/VisionZip @3151f6d, ``visionzip/clip_encoder.py :: CLIPVisionTower_VisionZip.forward``
-and ``visionzip/utils.py`` (the key metric of layer -2).
+Registered as ``visionzip_pre_llm`` for LLaVA: the engine captures the feature layer's [CLS]
+attention, head-mean keys, patches and [CLS] state during the one vision pass, and the method
+projects its ViT-space tokens with the model's projector (the original selects and merges before
+the projector). Qwen2.5-VL's and InternVL's encoders have no [CLS] token: the configuration refuses
+them. :func:`visionzip_select` is the selection and merge on explicit tensors. Paper:
+https://arxiv.org/abs/2412.04467; original: dvlab-research/VisionZip @3151f6d,
+``visionzip/clip_encoder.py :: CLIPVisionTower_VisionZip.forward``, ``visionzip/utils.py`` (the
+key ``metric`` of layer -2) and ``visionzip/main.py`` (``dominant`` counts the [CLS] token).
+
+In the harness (:func:`visionzip`): ``KEEP_RATIO`` gives the output size T = ``budget(N, r)``,
+[CLS] included, as the original's ``dominant + contextual``; contextual = ``round(T * 10/64)``
+(the paper's 54+10, 108+20, 162+30 for 64/128/192 tokens). The [CLS] token, which the original
+outputs first, takes the sequence slot of the FIRST image token left over; dominant patches and
+contextual tokens stay at their own patch's position (a contextual token at its target's), in
+spatial order with original position ids, where the original feeds [CLS], dominant (spatial),
+then contextual tokens with sequential positions.
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from methods import PruneContext, register_prune
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -94,3 +106,40 @@ def visionzip_select(
     ctx_tokens = (hidden[targets] + sums / counts).to(vit_hidden.dtype)  # [n_ctx, C]
     indices = torch.cat([dom_idx, rest_idx[targets]])
     return VisionZipOutput(indices, torch.cat([patches[dom_idx], ctx_tokens]), vit_hidden[0])
+
+
+@register_prune(
+    "visionzip_pre_llm",
+    stage="pre_llm",
+    needs=("vit_features", "vit_cls_feature", "vit_cls_attention", "vit_feature_keys", "vit_projector"),
+    families=("llava",),
+    source="dvlab-research/VisionZip",
+    paper="https://arxiv.org/abs/2412.04467",
+    deviation=(
+        "Not in UniPruneBench's code release. Budget = [CLS] + dominant + contextual (contextual 10/64 of it, "
+        "the paper's split); [CLS] takes the first left-over slot; tokens in spatial order at their own "
+        "positions (original: [CLS], dominant, contextual, sequential positions)."
+    ),
+)
+def visionzip(ctx: PruneContext, keep: int, *, contextual_ratio: float = 10 / 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep [CLS] and the patches it attends to most, plus contextual tokens merged by key similarity.
+
+    ``keep`` is the original's ``dominant + contextual`` ([CLS] included); ``contextual_ratio`` is
+    the contextual share of it (``round(keep * contextual_ratio)``, at most ``keep - 1``).
+    Dominant patches keep their projected features; contextual tokens and [CLS] go through
+    ``ctx["vit_projector"]``.
+    """
+    if not 0.0 <= contextual_ratio < 1.0:
+        raise ValueError(f"contextual_ratio must be in [0, 1), got {contextual_ratio}")
+    n_ctx = min(keep - 1, int(keep * contextual_ratio + 0.5))
+    hidden = torch.cat([ctx["vit_cls_feature"].unsqueeze(0), ctx["vit_features"]])  # [1 + N, C]
+    out = visionzip_select(
+        hidden, ctx["vit_cls_attention"], ctx["vit_feature_keys"], dominant=keep - n_ctx, contextual=n_ctx
+    )
+    n_dom = keep - n_ctx - 1  # patches; out.indices = [dominant (n_dom), contextual (n_ctx)]
+    free = torch.ones(ctx.n, dtype=torch.bool, device=out.indices.device)
+    free[out.indices] = False
+    slot = torch.nonzero(free).flatten()[:1]  # [1] the first image token left over carries [CLS]
+    projected = ctx["vit_projector"](torch.cat([out.features[n_dom:], out.cls_feature.unsqueeze(0)]))
+    features = torch.cat([ctx.features[out.indices[:n_dom]], projected.to(ctx.features.dtype)])
+    return torch.cat([out.indices, slot]), features

@@ -1,7 +1,7 @@
 """Methods ported from their original repositories: hand-derived selections, properties, quirks.
 
-Registered: gprune_pre_llm, pool_pre_llm, pdrop_intra_llm. Pure selection functions waiting for
-engine inputs (not registered): DART, VisPruner, PruMerge(+), VisionZip, FitPrune.
+Registered methods (their metadata) and the pure selection functions behind them (DART, VisPruner,
+PruMerge(+), VisionZip, FitPrune: selection on explicit tensors).
 Every hand example's expected indices are written literally, derived from the original code as
 the comment next to them explains.
 """
@@ -68,8 +68,12 @@ def test_registered_names_and_metadata():
     vis = get_method("vispruner_pre_llm")
     assert vis.families == ("llava",) and vis.params == {"important_ratio": 0.5}
     assert get_method("fitprune_intra_llm").needs == ("prev_attention_visual", "prev_attention_text")
-    for pending in ("prumerge", "prumerge_plus", "visionzip"):
-        assert not any(n.startswith(pending + "_") for n in registered), f"{pending} must not be registered yet"
+    for name in ("prumerge_pre_llm", "prumerge_plus_pre_llm"):
+        m = get_method(name)
+        assert name in registered and m.families == ("llava",) and not m.exact_count and m.params == {}
+        assert m.needs == ("vit_features", "vit_last_queries", "vit_last_keys", "vit_projector")
+    zip_ = get_method("visionzip_pre_llm")
+    assert zip_.families == ("llava",) and zip_.exact_count and zip_.params == {"contextual_ratio": 10 / 64}
 
 
 # ------------------------------------------------------------------------------------------ G-Prune
@@ -475,6 +479,42 @@ def test_prumerge_without_outliers_keeps_only_the_extra_token():
     torch.testing.assert_close(out.extra, (0.01 * x).sum(0))
 
 
+def prumerge_ctx():
+    """The PruMerge example as engine inputs: one 1-wide head, q_[CLS] = 1 and keys = log weights,
+    so softmax(q k^T) = weights / sum: [CLS] weight 0.74 makes the sum 2, i.e. cls_attn = a / 2.
+    N = 10 <= 32: every other token is a neighbour whatever the keys. The projector is the identity."""
+    x, _, a = prumerge_example()
+    keys = torch.cat([torch.tensor([0.74], dtype=F64), a]).log().unsqueeze(-1)  # [1 + N, 1]
+    return ctx_for(
+        x, vit_features=x, vit_last_queries=torch.ones(11, 1, dtype=F64),
+        vit_last_keys=keys, vit_projector=lambda t: t,
+    )
+
+
+def test_prumerge_registered_places_the_extra_token_in_the_last_pruned_slot_and_caps():
+    # cls_attn = a / 2 (see prumerge_ctx): outliers [5, 1] as in prumerge_example; merged values halve
+    # the weighted sums of test_prumerge_hand_checked: new_5 = [1 + .76 / 2, 5 + 2.31 / 2],
+    # new_1 = [1 + .86 / 2, 1 + 4.41 / 2]; extra (pruned: all but 1, 5) = [.36 / 2, 1.91 / 2] in slot 9.
+    idx, feats = run("prumerge_pre_llm", prumerge_ctx(), 8)
+    assert idx.tolist() == [1, 5, 9]
+    torch.testing.assert_close(feats, torch.tensor([[1.43, 3.205], [1.38, 6.155], [0.18, 0.955]], dtype=F64))
+    # keep = 2 caps the output at 2 tokens, extra included: the top outlier 5, then the extra token,
+    # which now also sums token 1: [(.36 + .4) / 2, (1.91 + .4) / 2].
+    idx, feats = run("prumerge_pre_llm", prumerge_ctx(), 2)
+    assert idx.tolist() == [5, 9]
+    torch.testing.assert_close(feats, torch.tensor([[1.38, 6.155], [0.38, 1.155]], dtype=F64))
+
+
+def test_prumerge_plus_registered_caps_in_the_originals_output_order():
+    # PruMerge+ order [5, 1, 0, 2, 3, 4, 6, 7, 8] (test_prumerge_plus_hand_checked); keep 4 -> the first
+    # 3 + extra. new_0 = [1 + 1.21 / 2, 0 + 4.81 / 2]; extra over {2, 3, 4, 6, 7, 8, 9}:
+    # sum a = .31, sum a_j j = 1.91 -> [.155, .955], in the last pruned slot 9.
+    idx, feats = run("prumerge_plus_pre_llm", prumerge_ctx(), 4)
+    assert idx.tolist() == [0, 1, 5, 9]
+    expected = [[1.605, 2.405], [1.43, 3.205], [1.38, 6.155], [0.155, 0.955]]
+    torch.testing.assert_close(feats, torch.tensor(expected, dtype=F64))
+
+
 # ---------------------------------------------------------------------------------------- VisionZip
 def test_visionzip_hand_checked():
     # 9 patches + [CLS]; dominant 3 ([CLS] + 2 patches), contextual 2.
@@ -511,6 +551,44 @@ def test_visionzip_properties_and_merged_mass():
     # Defaults are the original function's: 191 dominant ([CLS] included) + 30 contextual.
     out = visionzip_select(hidden, attn, keys)
     assert out.indices.numel() == 190 + 30
+
+
+def test_visionzip_registered_budget_split_and_cls_slot():
+    # test_visionzip_hand_checked's example with keep 5 and contextual_ratio 0.4: contextual
+    # round(5 * .4) = 2, dominant 3 ([CLS] + patches 4, 7), targets 0, 3 -> [4, 7, 0, 3]; [CLS] takes
+    # the first slot left over, 1. Dominant patches keep ctx.features (here -(p + 1)); contextual and
+    # [CLS] go through the projector (identity): 1 + 17 / 3, 9 and 100.
+    cls_attention = torch.tensor(
+        [[.1, .1, .1, .1, .5, .1, .1, .3, .1], [.1, .2, .1, .1, .4, .1, .1, .4, .1]], dtype=F64
+    )
+    angles = {0: 0, 1: 10, 2: 80, 3: 90, 4: 50, 5: 30, 6: 100, 7: 20, 8: 45}
+    keys = torch.tensor([[0.3, -0.7]] + [unit(angles[p]) for p in range(9)], dtype=F64)
+    keys[1], keys[4] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    patches = torch.arange(1.0, 10.0, dtype=F64).view(9, 1)
+    ctx = ctx_for(
+        -patches, vit_features=patches, vit_cls_feature=torch.tensor([100.0], dtype=F64),
+        vit_cls_attention=cls_attention, vit_feature_keys=keys, vit_projector=lambda t: t,
+    )
+    idx, feats = run("visionzip_pre_llm", ctx, 5, contextual_ratio=0.4)
+    assert idx.tolist() == [0, 1, 3, 4, 7]
+    torch.testing.assert_close(feats.flatten(), torch.tensor([1 + 17 / 3, 100.0, 9.0, -5.0, -8.0], dtype=F64))
+
+
+def test_visionzip_registered_split_follows_the_papers_settings():
+    # 64 / 128 / 192 tokens of 576 -> 10 / 20 / 30 contextual: exactly 10 / 20 / 30 + 1 ([CLS]) rows
+    # come from the projector (here: the negated ViT features), the dominant rest are ctx.features.
+    n = 576
+    g = torch.Generator().manual_seed(13)
+    vit = torch.randn(n, 4, generator=g, dtype=F64)
+    attn = torch.rand(2, n, generator=g, dtype=F64)
+    ctx = ctx_for(
+        vit + 100, vit_features=vit, vit_cls_feature=torch.zeros(4, dtype=F64), vit_cls_attention=attn,
+        vit_feature_keys=torch.randn(n + 1, 4, generator=g, dtype=F64), vit_projector=lambda t: -t,
+    )
+    for keep, n_ctx in [(64, 10), (128, 20), (192, 30)]:
+        idx, feats = run("visionzip_pre_llm", ctx, keep)
+        assert set(attn.sum(0).topk(keep - n_ctx - 1).indices.tolist()) <= set(idx.tolist())
+        assert int((feats < 50).all(dim=1).sum()) == n_ctx + 1
 
 
 # ----------------------------------------------------------------------------------------- FitPrune
