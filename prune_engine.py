@@ -111,6 +111,7 @@ class Event:
     kept: list[int]
     images: list[tuple[int, int]]
     ms: float | None = None
+    merged: int = 0  # tokens a method created (recycled clusters) among the survivors; not in ``kept``
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -122,8 +123,10 @@ class _Segment:
 
     n_orig: int
     grid: tuple[int, int, int] | None
-    orig_seq: torch.Tensor  # [n_orig] indices of its tokens in the unpruned prompt
-    alive: torch.Tensor  # [n_current] indices into 0..n_orig-1 of the survivors
+    # [n_orig + n_added] ids of its tokens in the prompt table: indices in the unpruned prompt,
+    # then ids >= n_prompt for the tokens its method added (recycled clusters)
+    orig_seq: torch.Tensor
+    alive: torch.Tensor  # [n_current] indices into orig_seq of the survivors, in sequence order
 
 
 @dataclass
@@ -133,6 +136,29 @@ class _Prefill:
     segments: list[_Segment]
     n_prompt: int
     stopwatch: Stopwatch
+    # Ids >= n_prompt (tokens added by a method) -> the prompt index whose positions they take.
+    added_source: list[int] = field(default_factory=list)
+    input0: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden [1, L0, D], ids [L0]) entering layer 0
+    layer_ids: list[torch.Tensor] = field(default_factory=list)  # per layer: the ids its input (and cache) holds
+    layer_visual: list[int] = field(default_factory=list)  # per layer: visual tokens at its input
+
+    @property
+    def n_table(self) -> int:
+        return self.n_prompt + len(self.added_source)
+
+    def position_source(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[L]`` prompt indices whose position ids / rotary embeddings the tokens ``ids`` use."""
+        if not self.added_source:
+            return ids
+        table = torch.cat([torch.arange(self.n_prompt, device=ids.device), ids.new_tensor(self.added_source)])
+        return table[ids]
+
+    def visual_ids(self, device: torch.device) -> torch.Tensor:
+        """``[n_table]`` bool: which ids are visual tokens (any image's, added ones included)."""
+        out = torch.zeros(self.n_table, dtype=torch.bool, device=device)
+        for s in self.segments:
+            out[s.orig_seq] = True
+        return out
 
 
 @dataclass
@@ -290,7 +316,17 @@ def _needs_vit(cfg: PruneConfig) -> bool:
 
 def _start_vision_capture(state: PruneState, model: nn.Module) -> None:
     state.vision = {}
-    state.vision_hooks = state.family.capture_vision(model, state.vision)
+    try:
+        state.vision_hooks = state.family.capture_vision(model, state.vision)
+    except NotImplementedError:
+        wanted = {n for m in state.config.method_names for n in methods.get_method(m).needs if n.startswith("vit_")}
+        if not wanted <= OPTIONAL_VIT_NEEDS:
+            raise
+        state.vision_hooks = []  # only optional ViT inputs: the methods get None
+
+
+# ViT inputs a method may be given as None where the family cannot capture them (see methods.NEEDS).
+OPTIONAL_VIT_NEEDS = frozenset({"vit_last_cls_attention"})
 
 
 def _make_encoder_wrapper(state: PruneState, model: nn.Module, original: Callable[..., Any]):
@@ -333,6 +369,10 @@ def _make_post_hook(state: PruneState):
             "n_prompt": prefill.n_prompt,
             "n_visual": n_visual,
             "n_visual_final": sum(int(s.alive.numel()) for s in prefill.segments),
+            # Visual tokens at each decoder layer's input, and their mean over the layers (the
+            # "average kept tokens" of methods whose count changes with depth; recycled included).
+            "visual_per_layer": list(prefill.layer_visual),
+            "avg_visual": sum(prefill.layer_visual) / len(prefill.layer_visual) if prefill.layer_visual else n_visual,
             # Where each image sits in the unpruned prompt, and its token grid (overlays).
             "image_spans": [
                 {"start": int(s.orig_seq[0]), "n": s.n_orig, "grid": list(s.grid) if s.grid else None}
@@ -424,7 +464,8 @@ def _decoder_forward(
       1. batch 1 without padding only; masks are built per layer from that layer's cache length;
       2. pre-LLM pruning before layer 0 and intra-LLM pruning at the input of configured layers,
          cutting hidden states, rotary embeddings and position ids together;
-      3. the position ids of the next token are remembered for decoding after a pruned prefill.
+      3. the position ids of the next token are remembered for decoding after a pruned prefill,
+         and methods registered with ``trim_cache`` trim the caches (:func:`_trim_caches`).
     """
     if (input_ids is None) ^ (inputs_embeds is not None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -462,7 +503,9 @@ def _decoder_forward(
             plan.setdefault(0, []).append(("pre_llm", cfg.keep_ratio, cfg.pre_method))
         for spec in cfg.intra:
             plan.setdefault(spec.layer, []).append(("intra_llm", spec.ratio, spec.method))
-        seq_index = torch.arange(hidden.shape[1], device=hidden.device)  # [L'] -> index in the unpruned prompt
+        seq_index = torch.arange(hidden.shape[1], device=hidden.device)  # [L'] -> id in the prompt table
+        # Positions of the unpruned prompt: every cut selects from these by the tokens' ids.
+        full_pos = (cos, sin, rope_pos, layer_pos)
     prev_input: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     # ---- end ----
 
@@ -470,15 +513,19 @@ def _decoder_forward(
     for i, layer in enumerate(text.layers[: text.config.num_hidden_layers]):
         # ---- change 2 (cont.): cut at this layer's input ----
         for stage, ratio, name in plan.get(i, ()):
-            keep_seq = _prune_step(state, text, prefill, seq_index, hidden, cos, sin, prev_input, stage, i, ratio, name)
-            if keep_seq is not None:
-                keep_seq, hidden = keep_seq
-                seq_index = seq_index[keep_seq]
-                cos, sin = cos.index_select(-2, keep_seq), sin.index_select(-2, keep_seq)
-                rope_pos = rope_pos.index_select(-1, keep_seq)
-                layer_pos = layer_pos.index_select(-1, keep_seq) if layer_pos is not None else None
+            cut = _prune_step(state, text, prefill, seq_index, hidden, cos, sin, prev_input, stage, i, ratio, name)
+            if cut is not None:
+                seq_index, hidden = cut
+                src = prefill.position_source(seq_index)  # added tokens take their image's last position
+                cos, sin = full_pos[0].index_select(-2, src), full_pos[1].index_select(-2, src)
+                rope_pos = full_pos[2].index_select(-1, src)
+                layer_pos = full_pos[3].index_select(-1, src) if full_pos[3] is not None else None
         if prefill is not None:
             prev_input = (hidden, cos, sin)
+            if i == 0:
+                prefill.input0 = (hidden, seq_index)
+            prefill.layer_ids.append(seq_index)
+            prefill.layer_visual.append(sum(int(s.alive.numel()) for s in prefill.segments))
         # ---- end ----
         # ---- change 1 (cont.): this layer's mask from its own cache length ----
         q_len = hidden.shape[1]
@@ -497,9 +544,11 @@ def _decoder_forward(
 
     hidden = text.norm(hidden)
 
-    # ---- change 3: remember where decoding continues ----
+    # ---- change 3: remember where decoding continues (and trim caches for methods that ask) ----
     if prefill is not None:
         state.cache_pruned = True
+        if use_cache and past_key_values is not None:
+            _trim_caches(state, prefill, past_key_values, seq_index)
     # In the format this forward received (the top-level model passes it through unchanged).
     state.next_positions = (position_ids if position_ids is not None else rope_pos)[..., -1:] + 1
     # ---- end ----
@@ -538,11 +587,12 @@ def _prune_step(
     ratio: float | None,
     name: str,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Run ``name`` on every image; returns ``(kept sequence indices [L'], hidden [1, L', D])`` or None."""
+    """Run ``name`` on every image; returns ``(ids of the new sequence [L'], hidden [1, L', D])``
+    (ids into the prompt table, see :class:`_Prefill`) or None when nothing changes."""
     method = methods.get_method(name)
     args = state.config.args_for(name)
     # Where each image's survivors sit in the current sequence.
-    pos_in_seq = torch.full((prefill.n_prompt,), -1, dtype=torch.long, device=hidden.device)
+    pos_in_seq = torch.full((prefill.n_table,), -1, dtype=torch.long, device=hidden.device)
     pos_in_seq[seq_index] = torch.arange(len(seq_index), device=hidden.device)
     local = [pos_in_seq[s.orig_seq[s.alive]] for s in prefill.segments]
     if ratio is None:  # the method decides its own count (VTW): it gets the current count as keep
@@ -555,10 +605,11 @@ def _prune_step(
             return None  # nothing to cut (ratio 1, or the survivors already fit)
 
     sw = Stopwatch(hidden.device, state.config.time_method).start()
-    shared = _compute_needs(method.needs, state, text, layer, hidden, cos, sin, prev_input)
+    shared = _compute_needs(method.needs, state, text, layer, hidden, cos, sin, prev_input, seq_index)
     keep_seq = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
     new_hidden = hidden
     images = []
+    inserts: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (after sequence index, ids [c], features [c, D])
     for img, (seg, idx, keep) in enumerate(zip(prefill.segments, local, budgets)):
         n = int(idx.numel())
         if n == 0 or (ratio is not None and keep >= n):
@@ -569,7 +620,7 @@ def _prune_step(
             features=hidden[0, idx],
             stage=stage,
             layer=layer if stage == "intra_llm" else None,
-            positions=seq_index[idx],
+            positions=prefill.position_source(seq_index[idx]),
             token_index=seg.alive,
             n_orig=seg.n_orig,
             grid=seg.grid,
@@ -577,7 +628,7 @@ def _prune_step(
             generator=state.generator,
             extras=extras,
         )
-        kept, merged = methods.check_selection(method, method.fn(ctx, keep, **args), n, keep)
+        kept, merged, added = methods.check_output(method, method.fn(ctx, keep, **args), n, keep)
         kept = kept.to(idx.device)
         if merged is not None:
             if new_hidden is hidden:
@@ -587,24 +638,81 @@ def _prune_step(
         drop[kept] = False
         keep_seq[idx[drop]] = False
         seg.alive = seg.alive[kept]
-        images.append((n, int(kept.numel())))
+        c = 0 if added is None else int(added.shape[0])
+        if c:
+            # New tokens: ids after the table's end, inserted after the image's last kept token
+            # (or where its first token was, if none is kept), positioned as its last original token.
+            ids = torch.arange(prefill.n_table, prefill.n_table + c, device=idx.device)
+            prefill.added_source += [int(seg.orig_seq[seg.n_orig - 1])] * c
+            after = int(idx[kept].max()) if kept.numel() else int(idx.min()) - 1
+            inserts.append((after, ids, added.to(hidden.dtype)))
+            seg.alive = torch.cat([seg.alive, torch.arange(len(seg.orig_seq), len(seg.orig_seq) + c, device=idx.device)])
+            seg.orig_seq = torch.cat([seg.orig_seq, ids])
+        images.append((n, int(kept.numel()) + c))
     sw.stop()
 
     kept_seq = torch.nonzero(keep_seq).flatten()
-    survivors = sorted(int(p) for s in prefill.segments for p in s.orig_seq[s.alive])
+    new_ids, new_hidden = seq_index[kept_seq], new_hidden.index_select(1, kept_seq)
+    if inserts:
+        # Order: each kept token at its old sequence index, inserted tokens just after theirs.
+        order = [kept_seq.double()] + [after + torch.arange(1, len(ids) + 1, device=ids.device).double() / (len(ids) + 1) for after, ids, _ in inserts]
+        perm = torch.argsort(torch.cat(order))
+        new_ids = torch.cat([new_ids] + [ids for _, ids, _ in inserts])[perm]
+        new_hidden = torch.cat([new_hidden] + [f[None] for _, _, f in inserts], dim=1)[:, perm]
+    survivors = sorted(int(p) for s in prefill.segments for p in s.orig_seq[s.alive] if p < prefill.n_prompt)
+    n_keep = sum(k for _, k in images)
     state.trace.append(
         Event(
             stage=stage,
             layer=layer if stage == "intra_llm" else None,
             method=name,
             n_in=sum(n for n, _ in images),
-            n_keep=sum(k for _, k in images),
+            n_keep=n_keep,
             kept=survivors,
             images=images,
             ms=sw.ms,
+            merged=n_keep - len(survivors),
         )
     )
-    return kept_seq, new_hidden.index_select(1, kept_seq)
+    return new_ids, new_hidden
+
+
+def _trim_caches(state: PruneState, prefill: _Prefill, cache: Any, final_ids: torch.Tensor) -> None:
+    """MustDrop's cache policy, for methods registered with ``trim_cache``: after the prefill, the
+    caches of every layer from (the method's first event layer - 1) on keep only the tokens of the
+    final sequence ``final_ids`` (the layers before keep all theirs). Recorded as a
+    ``post_prefill`` event."""
+    firsts = [s.layer for s in state.config.intra if methods.get_method(s.method).trim_cache]
+    if not firsts or not any(e.stage == "intra_llm" for e in state.trace):
+        return
+    start = max(min(firsts) - 1, 0)
+    final = torch.zeros(prefill.n_table, dtype=torch.bool, device=final_ids.device)
+    final[final_ids] = True
+    visual = prefill.visual_ids(final_ids.device)
+    n_in = n_keep = 0
+    for j in range(start, len(prefill.layer_ids)):
+        ids = prefill.layer_ids[j]
+        sel = torch.nonzero(final[ids]).flatten()
+        if sel.numel() == ids.numel():
+            continue
+        layer_cache = cache.layers[j]
+        layer_cache.keys = layer_cache.keys.index_select(-2, sel)
+        layer_cache.values = layer_cache.values.index_select(-2, sel)
+        n_in, n_keep = max(n_in, int(visual[ids].sum())), int(visual[ids[sel]].sum())
+    if n_in:
+        survivors = sorted(int(p) for s in prefill.segments for p in s.orig_seq[s.alive] if p < prefill.n_prompt)
+        state.trace.append(
+            Event(
+                stage="post_prefill",
+                layer=start,
+                method=",".join(dict.fromkeys(s.method for s in state.config.intra if methods.get_method(s.method).trim_cache)),
+                n_in=n_in,
+                n_keep=n_keep,
+                kept=survivors,
+                images=[(int(s.alive.numel()), int(s.alive.numel())) for s in prefill.segments],
+                merged=n_keep - len(survivors),
+            )
+        )
 
 
 # ----------------------------------------------------------------------------- method inputs
@@ -617,14 +725,39 @@ def _compute_needs(
     cos: torch.Tensor,
     sin: torch.Tensor,
     prev_input: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    seq_index: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """The inputs ``needs`` asks for; per-image ones are callables of ``(sequence indices, image
-    index, segment)`` of that image."""
+    index, segment)`` of that image. ``seq_index`` ``[L]``: the current tokens' ids (see
+    :class:`_Prefill`)."""
     out: dict[str, Any] = {}
     full_attention: torch.Tensor | None = None
     for need in needs:
         if need.startswith(("last_query_attention_prev", "prev_")) and prev_input is None:
             raise ValueError(f"{need} needs a previous layer (prune at layer >= 1)")
+        if need in OPTIONAL_VIT_NEEDS:
+            # Per image, columns of the survivors; None where the family captured nothing.
+            v = state.vision.get(need)
+            out[need] = None if v is None else (lambda idx, img, seg, v=v: v[img][:, seg.alive])
+            continue
+        if need in ("input_visual", "input_text_only", "prev_attention_text_only"):
+            prefill = state.prefill
+            visual = prefill.visual_ids(hidden.device)
+            h0, ids0 = prefill.input0 if prefill.input0 is not None else (hidden, seq_index)
+
+            def text_rows(ids: torch.Tensor, seg: _Segment, visual: torch.Tensor = visual) -> torch.Tensor:
+                # Rows of ``ids`` that are text after this image: no image's token, later in the prompt.
+                return torch.nonzero(~visual[ids] & (ids > seg.orig_seq[seg.n_orig - 1])).flatten()
+
+            if need == "input_visual":
+                out[need] = lambda idx, img, seg, h=h0, ids=ids0: h[0, torch.isin(ids, seg.orig_seq)]
+            elif need == "input_text_only":
+                out[need] = lambda idx, img, seg, h=h0, ids=ids0: h[0, text_rows(ids, seg)]
+            else:
+                if full_attention is None:
+                    full_attention = attention_probs(state.family, text.layers[layer - 1], *prev_input)
+                out[need] = lambda idx, img, seg, a=full_attention: a[:, text_rows(seq_index, seg)][:, :, idx]
+            continue
         if need == "last_query_attention_prev":
             attn = last_query_attention(state.family, text.layers[layer - 1], *prev_input)
             out[need] = lambda idx, *_, a=attn: a[:, idx]

@@ -24,6 +24,11 @@ Environment variables (all optional; nothing set means no pruning):
 
 Budget: an image with ``N`` visual tokens keeps ``max(1, floor(N * r + 0.5))`` at ratio ``r``
 (:func:`methods.budget`), per image.
+
+Hybrid methods (registered with a ``schedule``: ``sparsevlm``, ``mustdrop``) named alone by
+``PRUNE_METHOD`` / ``PRUNE_METHOD_INTRA_LLM`` expand into one intra-LLM event per pruning layer of
+the original, with the budgets or thresholds their schedule derives from ``KEEP_RATIO`` (each
+method documents that mapping); ``PRUNE_ARGS`` can change the layers and override the mapping.
 """
 
 from __future__ import annotations
@@ -117,8 +122,9 @@ class PruneConfig:
         elif intra_method:
             _check_stage(intra_method, "intra_llm", "PRUNE_METHOD_INTRA_LLM")
             m = methods.get_method(intra_method)
-            if m.uses_ratio and keep_ratio is None:
+            if (m.uses_ratio or m.schedule is not None) and keep_ratio is None:
                 raise ConfigError(f"{intra_method} needs a ratio: set KEEP_RATIO (e.g. KEEP_RATIO=0.333)")
+            # A hybrid (m.schedule) is expanded into its events below, once PRUNE_ARGS is read.
             intra = (LayerSpec(m.default_layer, intra_method, keep_ratio if m.uses_ratio else None),)
         else:
             intra = ()
@@ -146,10 +152,12 @@ class PruneConfig:
             time_method=parse_bool("METHOD_TIME", env.get("METHOD_TIME")),
             time_prefill=parse_bool("PREFILL_TIME", env.get("PREFILL_TIME")),
         )
-        cfg._check_ratios()
         args = get("PRUNE_ARGS")
         if args:
             object.__setattr__(cfg, "method_args", cfg._parse_args(args))
+        if intra_method and methods.get_method(intra_method).schedule is not None:
+            cfg._expand_schedule(intra_method)
+        cfg._check_ratios()
         return cfg
 
     # ------------------------------------------------------------------ derived views
@@ -207,6 +215,21 @@ class PruneConfig:
         return d
 
     # ------------------------------------------------------------------ helpers
+    def _expand_schedule(self, name: str) -> None:
+        """A hybrid method named alone: its events (layers, ratios) and the hyper-parameters that
+        ``KEEP_RATIO`` selects, from its registered ``schedule`` (PRUNE_ARGS override them)."""
+        m = methods.get_method(name)
+        given = self.args_for(name)
+        try:
+            events, args = m.schedule(self.keep_ratio, {**m.params, **given})
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
+        if not events:
+            raise ConfigError(f"{name} at KEEP_RATIO={self.keep_ratio:g} prunes nothing")
+        args = {**m.check_args({k: v for k, v in args.items() if m.params.get(k) != v}), **given}
+        object.__setattr__(self, "intra", tuple(LayerSpec(layer, name, ratio) for layer, ratio in events))
+        object.__setattr__(self, "method_args", {**self.method_args, name: args} if args else dict(self.method_args))
+
     def _check_ratios(self) -> None:
         previous, where = (self.keep_ratio, "the pre-LLM KEEP_RATIO") if self.pre_method else (None, "")
         for spec in self.intra:

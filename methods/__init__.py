@@ -21,7 +21,9 @@ A method returns either ``indices`` (LongTensor ``[keep]``, into ``ctx.features`
 ``(indices, features)`` when it merges tokens: ``features`` (``[keep, D]``, in the same order as
 ``indices``) then replace the kept tokens' features. The engine checks the return (1-D, unique, in
 range, exactly ``keep`` entries unless the method is registered with ``exact_count=False``) and
-sorts it, so methods need not.
+sorts it, so methods need not. A method that also creates tokens (SparseVLM's recycled clusters)
+returns a :class:`Selection` with ``added``. A hybrid (one name, several layers) is registered with
+a ``schedule`` (see :func:`register_prune`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import inspect
 import math
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 
@@ -45,6 +47,8 @@ __all__ = [
     "all_methods",
     "budget",
     "check_selection",
+    "check_output",
+    "Selection",
     "STAGES",
     "NEEDS",
     "UnknownMethodError",
@@ -122,6 +126,30 @@ NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
         "the same point as ctx.features.",
         ("pre_llm", "intra_llm"),
     ),
+    "vit_last_cls_attention": (
+        "[H, N] the [CLS] row of the LAST ViT layer's attention probabilities over this image's "
+        "patches (LLaVA: CLIP layer 23, from its own q/k), columns of the current survivors. "
+        "MustDrop's key set. OPTIONAL: None on families whose ViT inputs are not captured "
+        "(Qwen2.5-VL has no [CLS]; InternViT is not hooked), and the method must handle that.",
+        ("pre_llm", "intra_llm"),
+    ),
+    "input_visual": (
+        "[N0, D] this image's visual tokens as they entered decoder layer 0 (after any pre-LLM cut): "
+        "the same tensor at every event of the prefill. SparseVLM's rater input.",
+        ("intra_llm",),
+    ),
+    "input_text_only": (
+        "[T, D] the tokens after this image that are no image's visual tokens, as they entered "
+        "decoder layer 0 (for one image: the question + assistant prefix). Text is never pruned, so "
+        "the same T rows as prev_attention_text_only at every later layer.",
+        ("intra_llm",),
+    ),
+    "prev_attention_text_only": (
+        "[H, T, N] the PREVIOUS layer's attention probabilities (causal, its own q/k), rows = the T "
+        "tokens of input_text_only, columns = this image's current visual tokens (recycled ones "
+        "included). SparseVLM's input.",
+        ("intra_llm",),
+    ),
 }
 
 
@@ -191,6 +219,10 @@ class PruneMethod:
     families: tuple[str, ...] | None = None  # None: every family
     uses_ratio: bool = True  # False: the method decides how many tokens it keeps (no ratio in specs)
     default_layer: int = 2  # where PRUNE_METHOD_INTRA_LLM applies it without layer specs
+    # Hybrid methods: (keep_ratio, args) -> ((spec layer, ratio or None), ...), args to use; one
+    # name then expands into several intra-LLM events (see register_prune).
+    schedule: Callable[[float | None, Mapping[str, Any]], tuple[tuple[tuple[int, float | None], ...], dict[str, Any]]] | None = None
+    trim_cache: bool = False  # after the prefill, caches from its first event's layer - 1 on keep only the final survivors
 
     @property
     def summary(self) -> str:
@@ -228,6 +260,8 @@ def register_prune(
     families: tuple[str, ...] | None = None,
     uses_ratio: bool = True,
     default_layer: int = 2,
+    schedule: Callable[..., Any] | None = None,
+    trim_cache: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(ctx, keep, *, hyper=default, ...)`` under ``name`` for ``stage``.
 
@@ -244,6 +278,14 @@ def register_prune(
             token): it is configured without a ratio and receives ``keep`` = the current count.
         default_layer: the original's pruning layer, used when ``PRUNE_METHOD_INTRA_LLM`` names it
             without ``INTRA_LLM_LAYER_SPECS``.
+        schedule: for a method that prunes at several layers from one name (SparseVLM,
+            MustDrop): ``schedule(keep_ratio, args) -> (((layer, ratio or None), ...), args)``;
+            ``PRUNE_METHOD=name`` then expands into one intra-LLM event per entry (the original's
+            layers and budgets for that ``KEEP_RATIO``), and the returned args (the hyper-parameters
+            that ``KEEP_RATIO`` selects, PRUNE_ARGS winning) go to every event.
+        trim_cache: after the prefill, the KV caches of every layer from (first event layer - 1)
+            on keep only the visual tokens that survive the last event (MustDrop's cache policy);
+            the trace shows it as a ``post_prefill`` event.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r} (method {name!r})")
@@ -273,6 +315,8 @@ def register_prune(
             families=families,
             uses_ratio=uses_ratio,
             default_layer=default_layer,
+            schedule=schedule,
+            trim_cache=trim_cache,
         )
         return fn
 
@@ -355,6 +399,33 @@ def budget(n: int, ratio: float) -> int:
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"keep ratio must be in (0, 1], got {ratio}")
     return max(1, min(n, math.floor(n * ratio + 0.5 + 1e-9)))
+
+
+class Selection(NamedTuple):
+    """A method's return when it also creates tokens (SparseVLM's recycled clusters).
+
+    ``indices`` ``[k]`` and ``features`` ``[k, D]`` (or None) as for a plain return; ``added``
+    ``[c, D]``: new visual tokens the engine inserts right after this image's last kept token, in
+    this order. They count as this image's visual tokens in later events (``ctx.token_index`` ``>=
+    n_orig``, no grid location) and take the position ids of the image's last original token.
+    """
+
+    indices: torch.Tensor
+    features: torch.Tensor | None = None
+    added: torch.Tensor | None = None
+
+
+def check_output(
+    method: PruneMethod, out: Any, n: int, keep: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`check_selection` for any return, :class:`Selection` included: ``(indices, features, added)``."""
+    added = None
+    if isinstance(out, Selection):
+        out, added = (out.indices if out.features is None else (out.indices, out.features)), out.added
+        if added is not None and (not isinstance(added, torch.Tensor) or added.dim() != 2):
+            raise ValueError(f"{method.name} returned added tokens of shape {_describe(added)}; expected [c, D]")
+    idx, feats = check_selection(method, out, n, keep)
+    return idx, feats, added
 
 
 def check_selection(method: PruneMethod, out: Any, n: int, keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -28,7 +28,10 @@ def table() -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in m.params.items()) or "-"
         source = f"[{m.source}](https://github.com/{m.source}) / [paper]({m.paper})"
         families = ", ".join(m.families) if m.families else "all"
-        rows.append(f"| `{name}` | {m.stage} | {inputs} | {params} | {source} | {families} | {m.deviation or '-'} |")
+        stage = m.stage
+        if m.schedule is not None:  # a hybrid: several events from one name
+            stage += " (several layers" + (" + KV-cache trim" if m.trim_cache else "") + ")"
+        rows.append(f"| `{name}` | {stage} | {inputs} | {params} | {source} | {families} | {m.deviation or '-'} |")
     return "\n".join(rows)
 
 

@@ -9,6 +9,8 @@ import methods
 from families import FAMILIES, cfg
 
 PAIRS = [(m, f) for m in methods.names() for f in FAMILIES]
+# Hybrid methods (one name, several events) run their schedule on the 4-layer tiny decoders.
+HYBRID_ARGS = {"sparsevlm": "layers=0/1/2", "mustdrop": "layers=0/1/2"}
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +24,12 @@ def test_method_runs_on_family(models, method, family):
     spec, model = FAMILIES[family], models[family]
     m = methods.get_method(method)
     ratio = 0.5
-    env = (
-        dict(KEEP_RATIO=ratio, PRUNE_METHOD_PRE_LLM=method)
-        if m.stage == "pre_llm"
-        else dict(INTRA_LLM_LAYER_SPECS=f"2:{method}" + (f":{ratio}" if m.uses_ratio else ""))
-    )
+    if m.schedule is not None:
+        env = dict(KEEP_RATIO=ratio, PRUNE_METHOD=method, PRUNE_ARGS=HYBRID_ARGS[method])
+    elif m.stage == "pre_llm":
+        env = dict(KEEP_RATIO=ratio, PRUNE_METHOD_PRE_LLM=method)
+    else:
+        env = dict(INTRA_LLM_LAYER_SPECS=f"2:{method}" + (f":{ratio}" if m.uses_ratio else ""))
     if m.families is not None and family not in m.families:
         with pytest.raises(ValueError, match="does not apply"):
             spec.module.patch(model, cfg(**env))
@@ -36,6 +39,16 @@ def test_method_runs_on_family(models, method, family):
         inputs = spec.make_inputs(seed=0, **spec.variants["2img"])
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+        if m.schedule is not None:  # every event of the schedule, each a valid cut
+            config = model._prune_state.config
+            events = [e for e in model.prune_trace if e.stage != "post_prefill"]
+            assert [(e.stage, e.layer, e.method) for e in events] == [("intra_llm", s.layer, method) for s in config.intra]
+            image = set(torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten().tolist())
+            for e in model.prune_trace:
+                assert set(e.kept) <= image and e.kept == sorted(e.kept)
+                assert e.n_keep == len(e.kept) + e.merged == sum(k for _, k in e.images)
+                assert all(0 <= k <= n for n, k in e.images)
+            return
         (event,) = model.prune_trace
         assert (event.stage, event.method) == (m.stage, method)
         assert event.layer == (None if m.stage == "pre_llm" else 2)
