@@ -102,12 +102,24 @@ class LlavaFamily(prune_engine.Family):
 
         store["vit_projector"] = model.model.multi_modal_projector
         last = layers[-1].self_attn
+
+        def last_cls_attention(module: nn.Module, args: tuple, output: Any) -> None:
+            # vit_last_cls_attention [B, H, N] (MustDrop's key set): the [CLS] row of the LAST
+            # layer's attention probabilities, from the q/k its projections just produced (above).
+            q, k = store["vit_last_queries"], store["vit_last_keys"]  # [B, 1+N, C]
+            b, n, _ = k.shape
+            q = q[:, :1].view(b, 1, -1, module.head_dim).transpose(1, 2)  # [B, H, 1, hd]
+            k = k.view(b, n, -1, module.head_dim).transpose(1, 2)  # [B, H, 1+N, hd]
+            probs = ((q @ k.transpose(-1, -2)).float() * module.scale).softmax(dim=-1)
+            store["vit_last_cls_attention"] = probs[:, :, 0, 1:]
+
         with torch.no_grad():
             return [
                 layer.self_attn.register_forward_pre_hook(cls_attention, with_kwargs=True),
                 layer.register_forward_hook(features),
                 last.q_proj.register_forward_hook(saver("vit_last_queries")),
                 last.k_proj.register_forward_hook(saver("vit_last_keys")),
+                last.register_forward_hook(last_cls_attention),
             ]
 
 
