@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
@@ -95,6 +96,7 @@ def messages_from_tsv(path: Path, limit: int, workdir: Path) -> list[list[dict[s
     return out
 
 
+@functools.cache
 def make_adapter_class():
     from vlmeval.vlm.base import BaseModel
 
@@ -113,13 +115,17 @@ def make_adapter_class():
             max_new_tokens: int = 128,
             device: str | None = None,
             dtype: str = "auto",
+            loaded: "LoadedModel | None" = None,
             **kwargs: Any,
         ) -> None:
             super().__init__()
+            self.max_new_tokens = max_new_tokens
+            if loaded is not None:  # one load, several configurations: the caller configures the model
+                self.model, self.processor, self.device = loaded.model, loaded.processor, loaded.device
+                return
             self.device = pick_device(device)
             self.model, self.processor = load_pretrained(family, model_path, self.device, dtype)
             family.patch(self.model, config, sink)
-            self.max_new_tokens = max_new_tokens
             logger.info("loaded %s on %s; pruning: %s", model_path, self.device, config.tag() or "none")
 
         def generate_inner(self, message: list[dict[str, str]], dataset: str | None = None) -> str:
@@ -209,31 +215,54 @@ def main(family: ModuleType, argv: Sequence[str] | None = None) -> None:
     if "--model" not in argv:
         raise SystemExit("--model is required (a model name, or a checkpoint folder)")
 
+    import proxy_data
     import tiny_data
     import vlmeval.config
     import vlmeval.run
 
     tiny_data.register_tiny_datasets()
+    proxy_data.register_datasets()  # the proxy benchmark's synthetic suite (Proxy_MCQ, ...)
     if "--data" in argv:  # say which datasets need an LLM judge for their official score
         start, end = _flag_values(argv, "--data")
         judge = argv[argv.index("--judge") + 1] if "--judge" in argv[:-1] else None
         tiny_data.log_judge_notes(argv[start:end], judge)
     _cpu_distributed()
     work_dir = Path(os.environ.get("MMEVAL_ROOT") or _pop_flag(argv, "--work-dir") or "./outputs")
-    adapter = make_adapter_class()
     start, end = _flag_values(argv, "--model")
     for i in range(start, end):
         display, path = resolve_checkpoint(family, argv[i], model_path)
-        name = model_name(display, config)
-        out = work_dir / name
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "prune_config.json").write_text(json.dumps({"model": path, **config.to_dict()}, indent=2))
-        sink = TimingSink(text_dir=Path.cwd(), jsonl=out / "prune_records.jsonl")
-        vlmeval.config.supported_VLM[name] = functools.partial(
-            adapter, family=family, model_path=path, config=config, sink=sink,
-            max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-        )
-        argv[i] = name
+        argv[i], _ = register(family, display, path, config, work_dir, Path.cwd(),
+                              max_new_tokens=max_new_tokens, device=device, dtype=dtype)
     sys.argv = [sys.argv[0], *argv, "--work-dir", str(work_dir)]
     vlmeval.run.main()
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint loaded and patched once, serving several configurations one after another
+    (``scripts/sweep_one_load.py`` switches them with :func:`prune_engine.pruning`)."""
+
+    model: torch.nn.Module
+    processor: Any
+    device: torch.device
+
+
+def register(
+    family: ModuleType, display: str, path: str, config: PruneConfig, work_dir: Path, text_dir: Path,
+    loaded: LoadedModel | None = None, **adapter_kwargs: Any,
+) -> tuple[str, TimingSink]:
+    """Register the adapter of one configuration with VLMEvalKit under :func:`model_name` and write
+    ``<work_dir>/<name>/prune_config.json``; returns the name and the sink of its records (timing
+    files in ``text_dir``). With ``loaded``, the adapter wraps that model instead of loading one."""
+    import vlmeval.config
+
+    name = model_name(display, config)
+    out = work_dir / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prune_config.json").write_text(json.dumps({"model": path, **config.to_dict()}, indent=2))
+    sink = TimingSink(text_dir=text_dir, jsonl=out / "prune_records.jsonl")
+    vlmeval.config.supported_VLM[name] = functools.partial(
+        make_adapter_class(), family=family, model_path=path, config=config, sink=sink, loaded=loaded, **adapter_kwargs,
+    )
+    return name, sink
 

@@ -256,7 +256,7 @@ def saved_predictions(model_dir: Path, name: str, data: str) -> int:
     return len(done)
 
 
-def carry_forward(model_dir: Path, name: str, data: str) -> str:
+def carry_forward(model_dir: Path, name: str, data: str, world_size: int = 1) -> str:
     """Make an interrupted cell resumable whatever day or commit it is now.
 
     VLMEvalKit resumes only inside the current prediction root ``T<day>_G<hash>``: the next day, or
@@ -265,7 +265,8 @@ def carry_forward(model_dir: Path, name: str, data: str) -> str:
     before a cell is (re)run: when the current root has neither ``<name>_<data>.xlsx`` nor an
     in-flight pickle, copy the newest older root's xlsx (all predictions; the evaluation is then
     redone without building the model), or else merge the older roots' in-flight pickles into
-    ``01_<data>.pkl`` of the current root (rank 0 of a 1-process run, as the sweep runs). Nothing
+    ``<rank><world_size>_<data>.pkl`` of the current root for every rank of the coming run
+    (``01_<data>.pkl`` for one process; each rank keeps the predictions of its own shard). Nothing
     is moved or deleted. Returns a one-line summary.
     """
     current = current_pred_root(model_dir)
@@ -291,9 +292,11 @@ def carry_forward(model_dir: Path, name: str, data: str) -> str:
     if not merged:
         return "nothing saved: starts from the first sample"
     current.mkdir(parents=True, exist_ok=True)
-    with open(current / f"01_{data}.pkl", "wb") as f:
-        pickle.dump(merged, f)
-    return f"merged {len(merged)} saved predictions from {', '.join(sources)} -> {current.name}/01_{data}.pkl"
+    targets = [f"{rank}{world_size}_{data}.pkl" for rank in range(world_size)]
+    for target in targets:
+        with open(current / target, "wb") as f:
+            pickle.dump(merged, f)
+    return f"merged {len(merged)} saved predictions from {', '.join(sources)} -> {current.name}/{', '.join(targets)}"
 
 
 def cell_status(model_dir: Path, name: str, data: str) -> str:

@@ -17,7 +17,8 @@ method, the last intra-LLM ratio otherwise).
 System metrics, one row per cell (model name x dataset), from ``prune_records.jsonl`` (records
 attributed to datasets through the sweep's ledger, see ``scripts/_common.py``):
   * prefill ms and method ms (sum of the sample's pruning events), mean and median over samples,
-    the first ``--warmup`` samples of every runner process excluded (warm-up);
+    the first ``--warmup`` samples of every runner process excluded (warm-up; per ``torchrun`` rank,
+    and per cell with ``sweep.sh --one-load``, where one process runs many cells);
   * total s: wall time of the cell's runner processes (model loading included);
   * visual tokens per sample entering the decoder and at the last layer;
   * equivalent tokens: visual tokens averaged over the decoder's L layers (an image pruned to k of
@@ -230,10 +231,23 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def after_warmup(records: list[dict[str, Any]], warmup: int) -> list[dict[str, Any]]:
+    """The records of one attempt without the first ``warmup`` of each rank (under ``torchrun``
+    every rank is a process with its own warm-up; their records interleave in the file)."""
+    seen: dict[int, int] = {}
+    out = []
+    for r in records:
+        rank = int(r.get("rank") or 0)
+        seen[rank] = seen.get(rank, 0) + 1
+        if seen[rank] > warmup:
+            out.append(r)
+    return out
+
+
 def system_metrics(work: Path, name: str, data: str, datasets: list[str], checkpoint: str, warmup: int) -> dict[str, Any]:
     attempts, source = _common.cell_records(work, name, data, datasets)
     records = [r for part in attempts for r in part]
-    timed = [r for part in attempts for r in part[warmup:]]
+    timed = [r for part in attempts for r in after_warmup(part, warmup)]
     m: dict[str, Any] = {"records": len(records), "timed": len(timed), "attributed by": source}
     prefill = [r["prefill_ms"] for r in timed if r.get("prefill_ms") is not None]
     method = []

@@ -11,7 +11,7 @@ where ``<display>`` is ``--model`` (or a checkpoint folder's name); see ``vlm_ad
     # validating every configuration and dropping repeated (name, dataset) pairs
     python -m scripts.cell_name plan --work-dir outputs/sweep < cells.tsv
     python -m scripts.cell_name status --work-dir W --name NAME --data MME   # done / partial / todo
-    python -m scripts.cell_name resume --work-dir W --name NAME --data MME   # "<saved>\\t<what was done>"
+    python -m scripts.cell_name resume --work-dir W --name NAME --data MME [--nproc N]  # "<saved>\\t<what was done>"
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--work-dir", type=Path, required=True)
         p.add_argument("--name", required=True)
         p.add_argument("--data", required=True)
+        if cmd == "resume":
+            p.add_argument("--nproc", type=int, default=1, help="processes (torchrun ranks) of the coming run")
     args = parser.parse_args(argv)
 
     if args.cmd == "name":
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         print(_common.cell_status(args.work_dir / args.name, args.name, args.data))
     elif args.cmd == "resume":
         model_dir = args.work_dir / args.name
-        what = _common.carry_forward(model_dir, args.name, args.data) if model_dir.is_dir() else "new cell"
+        what = _common.carry_forward(model_dir, args.name, args.data, args.nproc) if model_dir.is_dir() else "new cell"
         saved = _common.saved_predictions(model_dir, args.name, args.data) if model_dir.is_dir() else 0
         print(f"{saved}\t{what}")
 

@@ -15,7 +15,7 @@
 #
 # Flags (each overrides the config file's variable of the same meaning):
 #   --config FILE      a bash file setting MODELS, METHODS, RATIOS, DATASETS, SEEDS (arrays), WORK_DIR,
-#                      RUNNER_ARGS (array), JOBS; see scripts/sweep_example.conf
+#                      RUNNER_ARGS (array), JOBS, NPROC, ONE_LOAD (0/1); see scripts/sweep_example.conf
 #   --model "FAMILY MODEL [MODEL_PATH]"   repeatable. FAMILY: qwen | internvl | llava (or the runner's
 #                      file name); MODEL: a name the runner knows or a checkpoint folder; MODEL_PATH:
 #                      a local checkpoint for that name (passed as --model-path)
@@ -32,6 +32,14 @@
 #   --jobs N           run N model names at once (default 1; >1 distorts timings; on GPUs prefer
 #                      --shard with one CUDA_VISIBLE_DEVICES per shard)
 #   --shard I/N        run only the model names whose index in the plan is I modulo N
+#   --nproc N          run each cell under torchrun with N processes (one GPU each: VLMEvalKit shards
+#                      the samples by rank, every rank loads its own model copy and writes its own
+#                      records and timing lines, rank 0 merges the predictions and scores):
+#                      PY -m torch.distributed.run --standalone --nproc-per-node=N RUNNER ...
+#   --one-load         run the cells in one process that loads each checkpoint once and switches the
+#                      pruning configuration between cells (scripts/sweep_one_load.py); same folders,
+#                      names, ledger and records as the default one-runner-per-cell path. Not with
+#                      --jobs > 1 or --nproc > 1
 #   --python PY        interpreter (default $PYTHON, else python)
 #   --no-timing        do not set METHOD_TIME=1 PREFILL_TIME=1 (vanilla cells then write no records)
 #   --dry-run          list the cells with their state (done / partial / todo) and commands; run nothing
@@ -58,6 +66,8 @@ SEEDS=(0)
 WORK_DIR=outputs/sweep
 RUNNER_ARGS=()
 JOBS=1
+NPROC=1
+ONE_LOAD=0
 SHARD=""
 PY="${PYTHON:-python}"
 TIMING=1
@@ -90,6 +100,8 @@ while (($#)); do
         --work-dir) WORK_DIR=$2; shift 2 ;;
         --jobs) JOBS=$2; shift 2 ;;
         --shard) SHARD=$2; shift 2 ;;
+        --nproc) NPROC=$2; shift 2 ;;
+        --one-load) ONE_LOAD=1; shift ;;
         --python) PY=$2; shift 2 ;;
         --no-timing) TIMING=0; shift ;;
         --dry-run) DRY=1; shift ;;
@@ -102,6 +114,8 @@ done
 ((${#MODELS[@]})) || die "no model: pass --model \"FAMILY MODEL [MODEL_PATH]\" or set MODELS in --config"
 ((${#DATASETS[@]})) || die "no dataset"
 [[ $JOBS =~ ^[1-9][0-9]*$ ]] || die "--jobs takes a positive integer"
+[[ $NPROC =~ ^[1-9][0-9]*$ ]] || die "--nproc takes a positive integer"
+if ((ONE_LOAD)) && ((JOBS > 1 || NPROC > 1)); then die "--one-load runs one process: not with --jobs or --nproc > 1"; fi
 if [[ -n $SHARD ]]; then
     [[ $SHARD =~ ^([0-9]+)/([1-9][0-9]*)$ ]] || die "--shard takes I/N, e.g. 0/2"
     SHARD_I=${BASH_REMATCH[1]} SHARD_N=${BASH_REMATCH[2]}
@@ -204,7 +218,9 @@ done
 
 command_of() {  # runner model path data -> the runner command, one word per line
     local runner=$1 model=$2 path=$3 data=$4
-    printf '%s\n' "$PY" "$ROOT/$runner" --model "$model"
+    printf '%s\n' "$PY"
+    ((NPROC > 1)) && printf '%s\n' -m torch.distributed.run --standalone "--nproc-per-node=$NPROC"
+    printf '%s\n' "$ROOT/$runner" --model "$model"
     [[ $path != - ]] && printf '%s\n' --model-path "$path"
     printf '%s\n' --data "$data" --work-dir "$WORK"
     ((${#RUNNER_ARGS[@]})) && printf '%s\n' "${RUNNER_ARGS[@]}"
@@ -222,7 +238,7 @@ if ((DRY)); then
             n=$((n + 1)); [[ $status == done ]] && ndone=$((ndone + 1))
         done <<< "${group_lines[$g]}"
     done
-    log "dry run: $n cells ($ndone done, $((n - ndone)) to run), work dir $WORK"
+    log "dry run: $n cells ($ndone done, $((n - ndone)) to run), work dir $WORK$( ((ONE_LOAD)) && echo '; --one-load: one process, each checkpoint loaded once')"
     exit 0
 fi
 
@@ -242,7 +258,7 @@ run_cell() {  # one plan line's fields; returns 1 when the cell has no score fil
     local book="$WORK/_sweep/$name" records="$WORK/$name/prune_records.jsonl"
     mkdir -p "$book/$data"
     local resume saved what rc=0
-    resume=$(helper resume --work-dir "$WORK" --name "$name" --data "$data")
+    resume=$(helper resume --work-dir "$WORK" --name "$name" --data "$data" --nproc "$NPROC")
     saved=${resume%%$'\t'*} what=${resume#*$'\t'}
     local -a cmd
     mapfile -t cmd < <(command_of "$runner" "$model" "$path" "$data")
@@ -281,6 +297,17 @@ run_group() {  # the cells of one model name, in order, under a lock (two sweeps
 }
 
 failed=0 running=0
+if ((ONE_LOAD)); then
+    selected_lines=""
+    for g in "${selected[@]}"; do selected_lines+=${group_lines[$g]}; done
+    timing_flag=$([[ $TIMING == 1 ]] || echo --no-timing)
+    printf '%s' "$selected_lines" | (
+        clear_pruning_env
+        PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m scripts.sweep_one_load --work-dir "$WORK" \
+            ${timing_flag:+"$timing_flag"} -- ${RUNNER_ARGS[@]+"${RUNNER_ARGS[@]}"}
+    ) || failed=1
+    selected=()
+fi
 for g in "${selected[@]}"; do
     if ((JOBS == 1)); then
         (run_group "$g") || failed=1
