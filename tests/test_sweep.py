@@ -15,6 +15,7 @@ import os
 import pickle
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -234,6 +235,170 @@ def test_plots(setup, report):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
 
 
+# ----------------------------------------------------------------------------- every family, all ten formats, one load
+ALL = list(tiny_data.TINY_DATASETS)  # the paper's ten datasets (ScienceQA and MMBench twice): 12 tiny names
+GROUP_ORDER = ["Comprehensive", "OCR", "Multidisciplinary", "Hallucination", "Mathematical", "Instruction"]
+
+
+@pytest.fixture(scope="module")
+def tiny(setup, full, tmp_path_factory) -> dict:
+    """``scripts/tiny_sweep.py``: the three tiny families x the 12 tiny datasets x (vanilla, FastV at
+    0.5), through ``sweep.sh --one-load`` (rule-scored datasets with exact matching, then the three
+    judged ones with a local stub judge), aggregated and plotted. Qwen is the shell sweep's
+    checkpoint, so the cells both sweeps ran can be compared."""
+    from scripts import tiny_sweep
+
+    return tiny_sweep.run(tmp_path_factory.mktemp("tiny_sweep"), checkpoints={"qwen": setup["ckpt"]}, warmup=1)
+
+
+def _pred_score(work: Path, name: str, data: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    (xlsx,) = (work / name).glob(f"T*/{name}_{data}.xlsx")
+    score = _common.find_score_file(work / name, name, data)
+    return pd.read_excel(xlsx), pd.read_csv(score)
+
+
+def _comparable(record: dict) -> dict:
+    """A record without what differs between two runs of the same cell (times, memory, file paths)."""
+    out = {k: v for k, v in record.items() if k not in ("prefill_ms", "images", "peak_memory_bytes")}
+    out["events"] = [{k: v for k, v in e.items() if k != "ms"} for e in record["events"]]
+    return out
+
+
+def test_tiny_sweep_covers_every_family_and_dataset_format(tiny):
+    for proc in tiny["sweeps"]:
+        assert "FAIL" not in proc.stdout and proc.stdout.count("loaded ") == 3  # one load per checkpoint
+    models = tiny["report"]["models"]
+    assert sorted(models) == sorted(p.name for p in tiny["checkpoints"].values())
+    for name, model in models.items():
+        assert model["datasets"] == sorted(ALL, key=_common.dataset_sort_key) and len(ALL) == 12, name
+        groups = [_common.dataset_spec(d).group for d in model["datasets"]]
+        assert sorted(set(groups), key=groups.index) == GROUP_ORDER  # columns grouped by ability, in the paper's order
+        for d in ALL:  # every cell has its score file and one ledger attempt, in one-load mode
+            for cell in (name, f"{name}__L2-fastv_intra_llm-r0.5"):
+                assert _common.cell_status(tiny["work"] / cell, cell, d) == "done", (cell, d)
+                (attempt,) = _common.read_ledger(tiny["work"], cell, 10**6)[d]
+                assert attempt.rc == 0 and attempt.command.startswith("[one load] ")
+
+
+def test_tiny_sweep_accuracy_tables(tiny):
+    work = tiny["work"]
+    for family, ckpt in tiny["checkpoints"].items():
+        table = pd.read_csv(work / "_report" / f"{ckpt.name}_accuracy.csv")
+        labels = aggregate.column_labels(ALL)
+        assert list(table.columns[:4]) == ["kept ratio", "method", "stage", "seeds"]
+        for d in ALL:
+            assert {labels[d], f"{labels[d]} std", f"{labels[d]} drop %"} <= set(table.columns), d
+        assert [(r["method"], r["kept ratio"], r["Avg complete"]) for _, r in table.iterrows()] == [
+            ("vanilla", 1.0, True), ("fastv_intra_llm@L2", 0.5, True)]
+        vanilla, fastv = table.iloc[0], table.iloc[1]
+        # MME normalised to 0-100 from the score file VLMEvalKit wrote
+        mme = pd.read_csv(_common.find_score_file(work / ckpt.name, ckpt.name, "MME_tiny")).iloc[0]
+        assert vanilla["MME_tiny"] == pytest.approx((mme["perception"] + mme["reasoning"]) / 28) and 0 <= vanilla["MME_tiny"] <= 100
+        # The judged datasets were scored by the stub judge: MIA-Bench's fixed grade, 5/10, is 50.
+        assert vanilla["MIA_tiny"] == fastv["MIA_tiny"] == 50.0 and fastv["MIA_tiny drop %"] == 0
+        for col in [c for c in table.columns if c.endswith(" drop %")]:
+            base, score = vanilla[col[: -len(" drop %")]], fastv[col[: -len(" drop %")]]
+            assert vanilla[col] == 0
+            assert (math.isnan(fastv[col]) if base == 0 else fastv[col] == pytest.approx((base - score) / base * 100)), col
+        assert vanilla["Avg"] == pytest.approx(statistics.fmean(vanilla[labels[d]] for d in ALL))
+        md = (work / "_report" / f"{ckpt.name}_accuracy.md").read_text()
+        header = md.splitlines()[2]
+        assert [header.index(g + "<br>") for g in GROUP_ORDER] == sorted(header.index(g + "<br>") for g in GROUP_ORDER)
+        assert "*Retain 50.0% tokens (↓ 50.0%)*" in md, family
+
+
+def test_tiny_sweep_system_metrics(tiny):
+    for family, ckpt in tiny["checkpoints"].items():
+        rows = tiny["report"]["models"][ckpt.name]["system"]
+        assert len(rows) == 2 * len(ALL)
+        lmu = tiny["out"] / "lmu"
+        for r in rows:
+            n = len(pd.read_csv(lmu / f"{r['dataset']}.tsv", sep="\t"))
+            assert (r["records"], r["timed"], r["runs"]) == (n, n - 1, 1), (family, r["dataset"])
+            assert r["total s"] > 0 and r["visual in"] == 16 and r["KV dtype"] == "float32"
+            assert n == 1 or r["prefill ms mean"] > 0
+            if r["method"] == "vanilla":
+                assert r["FLOPs ratio"] == 1 and r["visual final"] == 16 and r["method ms mean"] in (0, None)
+            else:  # FastV at layer 2 keeps 8 of 16 from there on
+                layers = r["layers"]
+                assert r["visual final"] == 8 and r["equiv tokens"] == pytest.approx((2 * 16 + (layers - 2) * 8) / layers)
+                assert r["FLOPs ratio"] < 1 and r["KV MB"] < r["KV MB full"]
+                assert n == 1 or r["method ms mean"] > 0
+        assert set(SYSTEM_KEYS) <= set(rows[0])
+
+
+SYSTEM_KEYS = ("prefill ms mean", "prefill ms median", "method ms mean", "method ms median", "equiv tokens",
+               "prefill GFLOPs full", "prefill GFLOPs", "KV MB full", "KV MB")
+
+
+def test_tiny_sweep_plots_are_pngs(tiny):
+    from PIL import Image
+
+    names = sorted(p.name for p in tiny["plots"])
+    assert names == sorted(f"{c.name}_{kind}.png" for c in tiny["checkpoints"].values()
+                           for kind in ("accuracy_vs_ratio", "accuracy_vs_prefill"))
+    for p in tiny["plots"]:
+        with Image.open(p) as img:
+            assert img.format == "PNG" and img.width > 400 and img.height > 300
+            img.verify()
+
+
+def test_one_load_equals_the_shell_path(setup, full, tiny):
+    """The cells both sweeps ran (vanilla and FastV 0.5 on MME_tiny, same checkpoint): the one-load
+    process gives the same predictions, scores and per-sample records as one runner per cell."""
+    for key in ("vanilla", "fastv 0.5"):
+        name = setup["names"][key]
+        shell, one = _pred_score(setup["work"], name, DATA), _pred_score(tiny["work"], name, DATA)
+        assert shell[0].equals(one[0]) and shell[1].equals(one[1]), key
+    name = setup["names"]["fastv 0.5"]
+    shell = [_comparable(r) for r in _common.cell_records(setup["work"], name, DATA, [DATA])[0][0]]
+    one = [_comparable(r) for r in _common.cell_records(tiny["work"], name, DATA, ALL)[0][0]]
+    assert len(shell) == N_SAMPLES and shell == one
+    assert json.loads((setup["work"] / name / "prune_config.json").read_text()) == \
+        json.loads((tiny["work"] / name / "prune_config.json").read_text())
+
+
+# ----------------------------------------------------------------------------- torchrun
+@pytest.fixture(scope="module")
+def torchrun(setup, full, tmp_path_factory) -> dict:
+    """The FastV 0.5 cell again, through ``sweep.sh --nproc 2``: ``torchrun --nproc-per-node=2
+    run_qwenvl2_5.py ...`` on CPU (gloo, ``vlm_adapter._cpu_distributed``)."""
+    work = tmp_path_factory.mktemp("torchrun") / "work"
+    cmd = ["bash", str(SWEEP), "--model", f"qwen {setup['ckpt']}", "--methods", "intra:fastv_intra_llm", "--ratios", "0.5",
+           "--datasets", DATA, "--work-dir", str(work), "--python", sys.executable, "--nproc", "2", *setup["runner_args"]]
+    dry = subprocess.run([*cmd[:-3], "--dry-run", *cmd[-3:]], env=setup["env"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, env=setup["env"], cwd=setup["root"], capture_output=True, text=True, timeout=600)
+    return {"work": work, "proc": proc, "dry": dry, "name": setup["names"]["fastv 0.5"]}
+
+
+def test_torchrun_two_ranks_give_the_one_process_results(setup, torchrun):
+    work, name, proc = torchrun["work"], torchrun["name"], torchrun["proc"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node=2 {ROOT}/run_qwenvl2_5.py"
+    assert launcher in torchrun["dry"].stdout
+    (attempt,) = _common.read_ledger(work, name, 10**6)[DATA]
+    assert attempt.rc == 0 and launcher in attempt.command
+    # Rank 0 merged both shards: the same predictions and score as the one-process shell cell.
+    shell, ranks = _pred_score(setup["work"], name, DATA), _pred_score(work, name, DATA)
+    assert shell[0].equals(ranks[0]) and shell[1].equals(ranks[1])
+    assert not list((work / name).glob(f"T*/*_{DATA}.pkl"))  # the rank pickles were merged and removed
+    # Each rank built its own model and wrote its own records and timing lines (rank in the last field).
+    records = _common.cell_records(work, name, DATA, [DATA])[0][0]
+    assert sorted(r["rank"] for r in records) == [0] * (N_SAMPLES // 2) + [1] * (N_SAMPLES // 2)
+    one = _common.cell_records(setup["work"], name, DATA, [DATA])[0][0]
+    key = lambda r: json.dumps({k: v for k, v in _comparable(r).items() if k not in ("sample", "rank")}, sort_keys=True)  # noqa: E731
+    assert sorted(map(key, records)) == sorted(map(key, one))
+    for rank in (0, 1):  # each rank numbers its own samples; VLMEvalKit gave it rows rank, rank + 2, ...
+        assert [r["sample"] for r in records if r["rank"] == rank] == list(range(1, N_SAMPLES // 2 + 1))
+    folder = work / _common.SWEEP_DIR / name / DATA
+    for timing in ("prefill_times.txt", "method_times_fastv_intra_llm.txt"):
+        lines = (folder / timing).read_text().splitlines()
+        assert sorted(line.split("\t")[-1] for line in lines) == ["0"] * (N_SAMPLES // 2) + ["1"] * (N_SAMPLES // 2)
+    # Warm-up is excluded per rank: 2 samples of each of the two processes.
+    (row,) = aggregate.aggregate(work, work / "_report", warmup=2)["models"][setup["ckpt"].name]["system"]
+    assert (row["records"], row["timed"]) == (N_SAMPLES, N_SAMPLES - 4)
+
+
 # ----------------------------------------------------------------------------- aggregation arithmetic
 def _cell(work: Path, name: str, cfg: dict, scores: dict[str, str]) -> None:
     folder = work / name
@@ -313,6 +478,10 @@ def test_carry_forward_copies_a_finished_prediction_file(tmp_path):
     (old / f"N_{DATA}.xlsx").unlink()
     assert "merged 1 saved predictions" in _common.carry_forward(model_dir, "N", DATA)
     assert _common.load_pickle(current / f"01_{DATA}.pkl") == {1: "Yes"}
+    shutil.rmtree(current)  # a torchrun resume: every rank of the coming run gets the saved predictions
+    assert _common.carry_forward(model_dir, "N", DATA, world_size=2).endswith(f"02_{DATA}.pkl, 12_{DATA}.pkl")
+    assert [p.name for p in _common.rank_pickles(current, DATA)] == [f"02_{DATA}.pkl", f"12_{DATA}.pkl"]
+    assert _common.saved_predictions(model_dir, "N", DATA) == 1
 
 
 def test_score_readers_on_files_vlmeval_wrote(tmp_path, monkeypatch):
