@@ -100,6 +100,7 @@ def _finish(fig: plt.Figure, handles: list, labels: list[str], title: str, path:
 
 def accuracy_vs_ratio(model: str, cells: list[aggregate.Cell], out: Path) -> Path:
     datasets = sorted({c.data for c in cells if c.score is not None}, key=_common.dataset_sort_key)
+    labels = aggregate.column_labels(datasets)  # the tables' labels (ScienceQA_VAL and _TEST apart)
     panels = [*datasets, None]
     fig, axes = _grid(len(panels))
     for ax, data in zip(axes, panels):
@@ -114,7 +115,7 @@ def accuracy_vs_ratio(model: str, cells: list[aggregate.Cell], out: Path) -> Pat
             y = pts[("vanilla", 1.0)]["score"]
             ax.axhline(y, color="black", linestyle="--", linewidth=1, label="vanilla")
             ax.plot([1.0], [y], marker="*", color="black", markersize=9, linestyle="none")
-        ax.set_title(_common.dataset_spec(data).abbr if data else "Average")
+        ax.set_title(labels[data] if data else "Average")
         ax.set_xlabel("kept visual-token ratio")
         ax.set_ylabel("score")
         ax.grid(alpha=0.3)
@@ -134,6 +135,7 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def accuracy_vs_prefill(model: str, cells: list[aggregate.Cell], out: Path) -> Path:
     datasets = sorted({c.data for c in cells if c.score is not None}, key=_common.dataset_sort_key)
+    labels = aggregate.column_labels(datasets)
     panels = [*datasets, None]
     fig, axes = _grid(len(panels))
     methods = sorted({c.config.label for c in cells})
@@ -145,10 +147,12 @@ def accuracy_vs_prefill(model: str, cells: list[aggregate.Cell], out: Path) -> P
                        label=m)
             if m != "vanilla":
                 ax.annotate(f"{r:g}", (v["ms"], v["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if not pts:  # e.g. a cell with no more samples than the warm-up
+            ax.text(0.5, 0.5, "no timed samples", ha="center", va="center", transform=ax.transAxes, color="gray")
         front = frontier([(v["ms"], v["score"]) for v in pts.values()])
         if len(front) > 1:
             ax.step([x for x, _ in front], [y for _, y in front], where="post", color="gray", linewidth=1, alpha=0.7)
-        ax.set_title(_common.dataset_spec(data).abbr if data else "Average")
+        ax.set_title(labels[data] if data else "Average")
         ax.set_xlabel("prefill ms (mean per sample)")
         ax.set_ylabel("score")
         ax.grid(alpha=0.3)

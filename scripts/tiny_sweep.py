@@ -151,8 +151,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"sweep.sh --methods (default {DEFAULT_METHODS!r})")
     parser.add_argument("--ratios", default=DEFAULT_RATIOS, help=f"sweep.sh --ratios (default {DEFAULT_RATIOS!r})")
     parser.add_argument("--per-cell", action="store_true", help="one runner process per cell (sweep.sh without --one-load)")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="FAMILY=PATH",
+                        help="use this checkpoint folder for FAMILY instead of a random tiny one (e.g. a trained proxy)")
+    parser.add_argument("--warmup", type=int, default=1, help="aggregate --warmup (default 1: the datasets are tiny)")
     args = parser.parse_args(argv)
-    result = run(args.out, args.families, args.methods, args.ratios, one_load=not args.per_cell)
+    ckpts = {}
+    for item in args.checkpoint:
+        family, sep, path = item.partition("=")
+        if not sep or family not in FAMILIES:
+            parser.error(f"--checkpoint {item!r}: expected FAMILY=PATH with FAMILY in {', '.join(FAMILIES)}")
+        ckpts[family] = Path(path).resolve()
+    result = run(args.out, args.families, args.methods, args.ratios, checkpoints=ckpts, one_load=not args.per_cell,
+                 warmup=args.warmup)
     for proc in result["sweeps"]:
         sys.stdout.write(proc.stdout)
     print(result["work"] / "_report" / "report.md")

@@ -343,6 +343,27 @@ def test_tiny_sweep_plots_are_pngs(tiny):
             img.verify()
 
 
+def test_tiny_sweep_plot_panels(tiny, monkeypatch):
+    """One panel per dataset, titled with the tables' column labels (the two ScienceQA splits apart),
+    plus the average; a dataset with no sample past the warm-up says so on the prefill plot."""
+    figures = {}
+
+    def capture(fig, handles, labels, title, path):
+        figures[title.split(": ")[1]] = [(ax.get_title(), [t.get_text() for t in ax.texts]) for ax in fig.axes if ax.axison]
+        return path
+
+    monkeypatch.setattr(plots, "_finish", capture)
+    ckpt = tiny["checkpoints"]["qwen"].name
+    plots.make_plots(tiny["work"], tiny["work"] / "_unused", [c for c in tiny["report"]["cells"] if c.model == ckpt])
+    labels = aggregate.column_labels(ALL)
+    expected = [labels[d] for d in sorted(ALL, key=_common.dataset_sort_key)] + ["Average"]
+    assert "ScienceQA_VAL_tiny" in expected and "ScienceQA_TEST_tiny" in expected
+    for kind, panels in figures.items():
+        assert [title for title, _ in panels] == expected, kind
+    prefill = dict(next(v for k, v in figures.items() if k.startswith("accuracy vs prefill")))
+    assert prefill["SEED_tiny"] == ["no timed samples"] and "no timed samples" not in prefill["MME_tiny"]
+
+
 def test_one_load_equals_the_shell_path(setup, full, tiny):
     """The cells both sweeps ran (vanilla and FastV 0.5 on MME_tiny, same checkpoint): the one-load
     process gives the same predictions, scores and per-sample records as one runner per cell."""
