@@ -17,6 +17,9 @@ What this family contributes (everything else is :mod:`prune_engine`):
 as each image's first token (``h * w + 1`` tokens) and the grid is ``None``. Without
 ``pixel_values`` (e.g. features passed as ``mm_encoder_outputs``) the layout is "unknown" and the
 engine treats each run of image tokens as one image. Each image keeps ``budget(576, KEEP_RATIO)``.
+
+ViT-internal merges (``methods.ViTMerge``, MustDrop's window merge) are wired here only
+(:meth:`LlavaFamily.install_vit_merge`): the later CLIP layers run on the merged sequence.
 """
 
 from __future__ import annotations
@@ -121,6 +124,31 @@ class LlavaFamily(prune_engine.Family):
                 last.k_proj.register_forward_hook(saver("vit_last_keys")),
                 last.register_forward_hook(last_cls_attention),
             ]
+
+    def install_vit_merge(self, model: nn.Module, layer: int, apply: Any) -> list[Any]:
+        """A forward hook on CLIP layer ``layer`` that replaces its output by ``apply``'s (the
+        merged ``[B, 1 + N', C]``), so the later CLIP layers, ``hidden_states[vision_feature_layer]``
+        (the features the projector receives) and the capture hooks above all see the merged
+        sequence, as in MustDrop's ``CLIPVisionModelAcc.custom_forward``. Prepended, so it runs
+        before the hidden-state recorder of transformers and before :meth:`capture_vision`'s hooks
+        on the same layer. The feature layer must come after the merge."""
+        layer_sel = model.config.vision_feature_layer
+        if not isinstance(layer_sel, int) or model.config.vision_feature_select_strategy != "default":
+            raise ValueError("a ViT merge needs one vision_feature_layer and vision_feature_select_strategy='default'")
+        tower = model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        feature = len(layers) + 1 + layer_sel if layer_sel < 0 else layer_sel  # index into hidden_states
+        if not 0 <= layer < len(layers) or feature <= layer:
+            raise ValueError(f"a merge after CLIP layer {layer} cannot reach the feature layer (hidden_states[{layer_sel}])")
+
+        def merge(module: nn.Module, args: tuple, output: Any) -> Any:
+            out = output[0] if isinstance(output, tuple) else output  # [B, 1+N, C]
+            merged = apply(out)
+            if merged is None:
+                return None
+            return (merged, *output[1:]) if isinstance(output, tuple) else merged
+
+        return [layers[layer].register_forward_hook(merge, prepend=True)]
 
 
 FAMILY = LlavaFamily()

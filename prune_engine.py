@@ -92,6 +92,14 @@ class Family:
         the one vision pass of a prefill; return the hook handles (removed after the prefill)."""
         raise NotImplementedError(f"{self.name} provides no ViT [CLS] inputs (its vision encoder has no [CLS] token)")
 
+    def install_vit_merge(self, model: nn.Module, layer: int, apply: Callable[[torch.Tensor], torch.Tensor | None]) -> list[Any]:
+        """Hook ``apply`` onto the OUTPUT of ViT layer ``layer`` (0-based) for the one vision pass of
+        a prefill, so that every later ViT layer runs on what it returns (``[B, 1 + N', C]``,
+        [CLS] first), or on the unchanged output when it returns None; return the hook handles.
+        Families whose vision encoder cannot run a merge raise NotImplementedError (the engine then
+        skips the merge with a ``vision`` trace note)."""
+        raise NotImplementedError(f"{self.name}: ViT-internal token merges are not wired for this vision encoder")
+
     def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on ``x`` ``[B, H, L, hd]`` with ``cos``/``sin`` ``[B, L, hd]`` (the families' layout)."""
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -112,6 +120,9 @@ class Event:
     images: list[tuple[int, int]]
     ms: float | None = None
     merged: int = 0  # tokens a method created (recycled clusters) among the survivors; not in ``kept``
+    # ``vision`` events (a ViT-internal merge, cut before the LLM; layer None): which ViT layer
+    # was merged, or why the merge was skipped (then n_keep == n_in)
+    note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -311,7 +322,18 @@ def _make_pre_hook(state: PruneState):
 
 
 def _needs_vit(cfg: PruneConfig) -> bool:
-    return cfg.active and any(n.startswith("vit_") for m in cfg.method_names for n in methods.get_method(m).needs)
+    return cfg.active and any(
+        methods.get_method(m).vit_merge is not None or any(n.startswith("vit_") for n in methods.get_method(m).needs)
+        for m in cfg.method_names
+    )
+
+
+def _vit_merger(cfg: PruneConfig) -> tuple[str, "methods.ViTMerge"] | None:
+    """``(method name, its ViTMerge)`` of the configured method that merges inside the ViT, if any."""
+    found = [(m, methods.get_method(m).vit_merge) for m in dict.fromkeys(cfg.method_names) if methods.get_method(m).vit_merge is not None]
+    if len(found) > 1:
+        raise ValueError(f"at most one method may merge inside the ViT, got {[m for m, _ in found]}")
+    return found[0] if found else None
 
 
 def _start_vision_capture(state: PruneState, model: nn.Module) -> None:
@@ -323,6 +345,59 @@ def _start_vision_capture(state: PruneState, model: nn.Module) -> None:
         if not wanted <= OPTIONAL_VIT_NEEDS:
             raise
         state.vision_hooks = []  # only optional ViT inputs: the methods get None
+    merger = _vit_merger(state.config)
+    if merger is None:
+        return
+    name, merge = merger
+    args = {**methods.get_method(name).params, **state.config.args_for(name)}
+
+    def apply(x: torch.Tensor) -> torch.Tensor | None:
+        # Runs inside the ViT: the merged sequence goes on to the next ViT layer; the groups are
+        # kept for the encoder wrapper (placeholders) and the ``vision`` event (the cut).
+        try:
+            merged, groups = merge.fn(x, args)
+        except methods.ViTMergeSkipped as e:
+            state.vision["vit_merge_note"] = f"ViT merge skipped: {e}"
+            return None
+        state.vision["vit_merge_groups"] = groups
+        state.vision["vit_merge_note"] = f"merged at the output of ViT layer {merge.layer}"
+        return merged
+
+    try:
+        state.vision_hooks += state.family.install_vit_merge(model, merge.layer, apply)
+    except NotImplementedError as e:
+        state.vision["vit_merge_note"] = f"ViT merge skipped: {e}"
+        if not getattr(state, "_warned_vit_merge", False):
+            logger.warning("%s: %s; its other stages run as usual", name, e)
+            state._warned_vit_merge = True
+
+
+def _expand_vit_merge(state: PruneState, out: Any) -> Any:
+    """After a ViT merge (``state.vision["vit_merge_groups"]``): ``out.pooler_output`` holds ``N'``
+    projected tokens an image, but the prompt has one placeholder per original patch, and the
+    model checks the counts. Give back ``N`` rows an image, each patch's row being its group's
+    merged token (only the group's slot, its last patch, survives the ``vision`` cut), and keep
+    what the cut and the ViT needs read: ``vit_merge_features`` (per image ``[N', D]``) and
+    ``vit_merge_cols`` (per image ``[N]``: each patch's column in the merged ViT sequence)."""
+    groups = state.vision.get("vit_merge_groups")
+    if groups is None or "vit_merge_cols" in state.vision:
+        return out
+    if not hasattr(out, "pooler_output"):
+        raise TypeError("a ViT merge needs get_image_features to return a ModelOutput (return_dict=True)")
+    feats = list(out.pooler_output)
+    if len(feats) != len(groups):
+        raise ValueError(f"{len(feats)} images of features but {len(groups)} merged images")
+    cols = []
+    for f, g in zip(feats, groups):
+        if f.shape[0] != len(g):
+            raise ValueError(f"{f.shape[0]} projected tokens for {len(g)} merged groups")
+        col = torch.empty(sum(len(x) for x in g), dtype=torch.long, device=f.device)
+        for j, members in enumerate(g):
+            col[members] = j
+        cols.append(col)
+    state.vision["vit_merge_features"], state.vision["vit_merge_cols"] = feats, cols
+    out.pooler_output = [f[c] for f, c in zip(feats, cols)]
+    return out
 
 
 # ViT inputs a method may be given as None where the family cannot capture them (see methods.NEEDS).
@@ -344,7 +419,7 @@ def _make_encoder_wrapper(state: PruneState, model: nn.Module, original: Callabl
             state.early = _Early(kwargs=dict(kwargs), stopwatch=Stopwatch(device, cfg.time_prefill).start())
             if _needs_vit(cfg):
                 _start_vision_capture(state, model)
-        return original(*args, **kwargs)
+        return _expand_vit_merge(state, original(*args, **kwargs))
 
     return get_image_features
 
@@ -466,6 +541,8 @@ def _decoder_forward(
          cutting hidden states, rotary embeddings and position ids together;
       3. the position ids of the next token are remembered for decoding after a pruned prefill,
          and methods registered with ``trim_cache`` trim the caches (:func:`_trim_caches`).
+    Besides, before layer 0 a method registered with ``vit_merge`` gets a ``vision`` event (the
+    cut of the placeholders its ViT merge removed), part of change 2.
     """
     if (input_ids is None) ^ (inputs_embeds is not None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -499,6 +576,9 @@ def _decoder_forward(
         if past_len:
             raise NotImplementedError("pruning a prompt that continues an existing cache is not supported")
         cfg = state.config
+        merger = _vit_merger(cfg)
+        if merger is not None and "vit_merge_note" in state.vision:  # the ViT merge ran (or was skipped)
+            plan.setdefault(0, []).append(("vision", None, merger[0]))
         if cfg.pre_method:
             plan.setdefault(0, []).append(("pre_llm", cfg.keep_ratio, cfg.pre_method))
         for spec in cfg.intra:
@@ -591,6 +671,23 @@ def _prune_step(
     (ids into the prompt table, see :class:`_Prefill`) or None when nothing changes."""
     method = methods.get_method(name)
     args = state.config.args_for(name)
+    if stage == "vision":  # a ViT-internal merge: cut to its groups' slots (see methods.ViTMerge)
+        if "vit_merge_cols" not in state.vision:  # skipped: the trace says why, nothing is cut
+            n = [int(s.alive.numel()) for s in prefill.segments]
+            survivors = sorted(int(p) for s in prefill.segments for p in s.orig_seq[s.alive] if p < prefill.n_prompt)
+            state.trace.append(Event(stage, None, name, sum(n), sum(n), survivors, [(k, k) for k in n], note=state.vision["vit_merge_note"]))
+            return None
+        groups, feats = state.vision["vit_merge_groups"], state.vision["vit_merge_features"]
+
+        def select(ctx: methods.PruneContext, keep: int) -> methods.Selection:
+            # Each group's slot is its last patch; ctx rows are the image's tokens (none cut yet).
+            row = torch.full((ctx.n_orig,), -1, dtype=torch.long)
+            row[ctx.token_index.cpu()] = torch.arange(ctx.n)
+            slots = torch.tensor([max(g) for g in groups[ctx.image_index]], dtype=torch.long)
+            if bool((row[slots] < 0).any()):
+                raise RuntimeError("the vision cut must come before any other cut of the image")
+            return methods.Selection(row[slots], feats[ctx.image_index])
+
     # Where each image's survivors sit in the current sequence.
     pos_in_seq = torch.full((prefill.n_table,), -1, dtype=torch.long, device=hidden.device)
     pos_in_seq[seq_index] = torch.arange(len(seq_index), device=hidden.device)
@@ -605,7 +702,7 @@ def _prune_step(
             return None  # nothing to cut (ratio 1, or the survivors already fit)
 
     sw = Stopwatch(hidden.device, state.config.time_method).start()
-    shared = _compute_needs(method.needs, state, text, layer, hidden, cos, sin, prev_input, seq_index)
+    shared = {} if stage == "vision" else _compute_needs(method.needs, state, text, layer, hidden, cos, sin, prev_input, seq_index)
     keep_seq = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
     new_hidden = hidden
     images = []
@@ -628,7 +725,8 @@ def _prune_step(
             generator=state.generator,
             extras=extras,
         )
-        kept, merged, added = methods.check_output(method, method.fn(ctx, keep, **args), n, keep)
+        out = select(ctx, keep) if stage == "vision" else method.fn(ctx, keep, **args)
+        kept, merged, added = methods.check_output(method, out, n, keep)
         kept = kept.to(idx.device)
         if merged is not None:
             if new_hidden is hidden:
@@ -672,6 +770,7 @@ def _prune_step(
             images=images,
             ms=sw.ms,
             merged=n_keep - len(survivors),
+            note=state.vision.get("vit_merge_note", "") if stage == "vision" else "",
         )
     )
     return new_ids, new_hidden
@@ -738,7 +837,11 @@ def _compute_needs(
         if need in OPTIONAL_VIT_NEEDS:
             # Per image, columns of the survivors; None where the family captured nothing.
             v = state.vision.get(need)
-            out[need] = None if v is None else (lambda idx, img, seg, v=v: v[img][:, seg.alive])
+            out[need] = None if v is None else (lambda idx, img, seg, v=v: v[img][:, _vit_cols(state, img, seg)])
+            continue
+        if need == "n_vit_tokens":
+            cols = state.vision.get("vit_merge_cols")
+            out[need] = lambda idx, img, seg, c=cols: seg.n_orig if c is None else int(c[img].max()) + 1
             continue
         if need in ("input_visual", "input_text_only", "prev_attention_text_only"):
             prefill = state.prefill
@@ -791,21 +894,28 @@ def _compute_needs(
             # columns of [H, N]; [1 + N, .] tensors keep their [CLS] row first.
             v = state.vision[need]
             if need == "vit_features":
-                out[need] = lambda idx, img, seg, v=v: v[img][seg.alive]
+                out[need] = lambda idx, img, seg, v=v: v[img][_vit_cols(state, img, seg)]
             elif need == "vit_cls_attention":
-                out[need] = lambda idx, img, seg, v=v: v[img][:, seg.alive]
+                out[need] = lambda idx, img, seg, v=v: v[img][:, _vit_cols(state, img, seg)]
             elif need == "vit_cls_feature":
                 out[need] = lambda idx, img, seg, v=v: v[img]
             elif need == "vit_projector":
                 out[need] = lambda *_, p=v: p  # a callable itself: not evaluated per image
             else:
-                out[need] = lambda idx, img, seg, v=v: v[img][torch.cat([seg.alive.new_zeros(1), seg.alive + 1])]
+                out[need] = lambda idx, img, seg, v=v: v[img][torch.cat([seg.alive.new_zeros(1), _vit_cols(state, img, seg) + 1])]
         elif need == "text_features":
             # "Text" is every token after the image (question + assistant prefix), as in METHODS.md.
             out[need] = lambda idx, *_, h=hidden: h[0, int(idx.max()) + 1 :]
         else:  # registry validation makes this unreachable
             raise KeyError(need)
     return out
+
+
+def _vit_cols(state: PruneState, img: int, seg: _Segment) -> torch.Tensor:
+    """Where image ``img``'s survivors sit among the ViT's patch tokens (columns of the captured
+    ``vit_*`` tensors): their token indices, or after a ViT merge their groups' columns."""
+    cols = state.vision.get("vit_merge_cols")
+    return seg.alive if cols is None else cols[img][seg.alive]
 
 
 @torch.no_grad()

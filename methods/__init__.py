@@ -49,6 +49,8 @@ __all__ = [
     "check_selection",
     "check_output",
     "Selection",
+    "ViTMerge",
+    "ViTMergeSkipped",
     "STAGES",
     "NEEDS",
     "UnknownMethodError",
@@ -89,6 +91,11 @@ NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("intra_llm",),
     ),
     "final_normed_text": ("[T, D] the text after this image through the decoder's final norm.", ("intra_llm",)),
+    "n_vit_tokens": (
+        "int: how many patch tokens this image's ViT output has: n_orig, or fewer after a ViT-internal "
+        "merge (a method registered with vit_merge, e.g. MustDrop's window merge). MustDrop's key-set size.",
+        ("pre_llm", "intra_llm"),
+    ),
     "sequence_index": ("[N] where these tokens sit in the CURRENT (already pruned) sequence.", ("pre_llm", "intra_llm")),
     "vit_cls_attention": (
         "[H, N] the ViT's [CLS] attention over this image's patches at the feature layer (LLaVA: the "
@@ -223,6 +230,7 @@ class PruneMethod:
     # name then expands into several intra-LLM events (see register_prune).
     schedule: Callable[[float | None, Mapping[str, Any]], tuple[tuple[tuple[int, float | None], ...], dict[str, Any]]] | None = None
     trim_cache: bool = False  # after the prefill, caches from its first event's layer - 1 on keep only the final survivors
+    vit_merge: "ViTMerge | None" = None  # a merge inside the vision encoder (a "vision" event before the LLM)
 
     @property
     def summary(self) -> str:
@@ -262,6 +270,7 @@ def register_prune(
     default_layer: int = 2,
     schedule: Callable[..., Any] | None = None,
     trim_cache: bool = False,
+    vit_merge: "ViTMerge | None" = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(ctx, keep, *, hyper=default, ...)`` under ``name`` for ``stage``.
 
@@ -286,6 +295,10 @@ def register_prune(
         trim_cache: after the prefill, the KV caches of every layer from (first event layer - 1)
             on keep only the visual tokens that survive the last event (MustDrop's cache policy);
             the trace shows it as a ``post_prefill`` event.
+        vit_merge: a :class:`ViTMerge`: the method also merges tokens INSIDE the vision encoder
+            (MustDrop's window merge), so the later ViT layers run on fewer tokens; the engine cuts
+            the image's placeholders down to the merged count before the LLM (a ``vision`` event).
+            Families that cannot run it skip it with a ``vision`` trace note.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r} (method {name!r})")
@@ -317,6 +330,7 @@ def register_prune(
             default_layer=default_layer,
             schedule=schedule,
             trim_cache=trim_cache,
+            vit_merge=vit_merge,
         )
         return fn
 
@@ -413,6 +427,32 @@ class Selection(NamedTuple):
     indices: torch.Tensor
     features: torch.Tensor | None = None
     added: torch.Tensor | None = None
+
+
+class ViTMergeSkipped(Exception):
+    """Raised by a :class:`ViTMerge` function that does not apply to this input (e.g. a patch grid
+    its windows do not tile): the ViT then runs unmerged and the trace's ``vision`` event says why."""
+
+
+@dataclass(frozen=True)
+class ViTMerge:
+    """A token merge inside the vision encoder, declared with ``register_prune(..., vit_merge=)``.
+
+    ``fn(x, args) -> (merged, groups)`` runs on the OUTPUT of ViT layer ``layer`` (0-based), where
+    ``x`` is ``[B, 1 + N, C]`` ([CLS] first, then the ``N`` patches of each of the ``B`` images of
+    the forward) and ``args`` the method's hyper-parameters (defaults, then what the config sets).
+    It returns ``merged`` ``[B, 1 + N', C]`` ([CLS] first; one ``N'`` for the whole batch, which
+    the ViT's later layers receive) and ``groups``: per image, per output patch, the original patch
+    indices it stands for (every patch in exactly one group). It may raise :class:`ViTMergeSkipped`.
+
+    The engine then (``prune_engine``, stage ``vision``) turns each image's ``N`` placeholders
+    into ``N'`` tokens before the LLM: a merged token takes the slot (prompt position) of the
+    LAST (largest) patch of its group, a group of one keeps its patch's slot; the LLM sees them in
+    slot order with their slots' position ids, and the projector output of the merged features.
+    """
+
+    layer: int
+    fn: Callable[[torch.Tensor, Mapping[str, Any]], tuple[torch.Tensor, list[list[list[int]]]]]
 
 
 def check_output(
