@@ -1,7 +1,7 @@
 """MustDrop: multi-stage visual-token dropping (Liu et al., 2024).
 
-Registered as ``mustdrop`` (:func:`mustdrop`), a hybrid: one name, four intra-LLM events and a
-KV-cache trim after the prefill. Original: liuting20/MustDrop @909afa5,
+Registered as ``mustdrop`` (:func:`mustdrop`), a hybrid: one name runs every stage: the ViT window
+merge (LLaVA), four intra-LLM events and a KV-cache trim after the prefill. Original: liuting20/MustDrop @909afa5,
 ``llava/model/multimodal_encoder/local_merge.py :: conditional_pooling, merge_wavg`` and
 ``clip_encoder.py :: CLIPVisionModelAcc.custom_forward`` (vision stage),
 ``llava/model/language_model/modelling_sparse_llama.py :: LlamaDynamicvitModel.forward,
@@ -35,15 +35,28 @@ How it runs here:
   tokens; nearest in log ratio); PRUNE_ARGS ``global_thr`` / ``individual_thr`` override it. The
   trace reports each event's actual count; the record's ``avg_visual`` is the mean over layers
   (the original's "equal token number").
-* **Key set by family**: LLaVA captures the last CLIP layer's [CLS] attention
+* **Window merge (LLaVA)**: registered as the method's ``vit_merge``
+  (:func:`mustdrop_vit_merge`, :class:`methods.ViTMerge`): a hook replaces CLIP layer 0's output by
+  the merged sequence, so CLIP layers 1..23 run on it as in ``custom_forward``; the feature layer
+  (``hidden_states[-2]``) and the last layer's [CLS] attention (the key set) are therefore over the
+  ``N'`` merged tokens, and the key set has ``ceil(0.08 * N')`` of them (``n_vit_tokens``). The
+  prompt still has 576 placeholders an image: a ``vision`` trace event (before the LLM, ``layer``
+  None, ``images`` = ``(576, N')``) cuts them to ``N'``. **Position of a merged token**: the slot
+  of its window's LAST patch (row-major: bottom-right), the token ``merge_wavg`` reduces into
+  (``dst_idx``); unmerged patches keep theirs; the LLM sees them in slot order with those slots'
+  position ids (the original puts the merged windows first, then renumbers 0..L'-1). Several
+  images in one forward: ``r`` = the minimum over them, as ``conditional_pooling`` computes it for
+  a batch (each image merges its own top-r windows; the original's eval sends one image).
+  ``merge_threshold`` (0.8) and ``window`` (3) are hyper-parameters; a grid that ``window``
+  does not tile is left unmerged, with a ``vision`` trace note.
+* **Key set and merge by family**: LLaVA captures the last CLIP layer's [CLS] attention
   (``vit_last_cls_attention``). Qwen2.5-VL's ViT has no [CLS] token and InternViT is not hooked:
-  there the key set is EMPTY (nothing replaces it; the filter alone decides) - a documented
+  there the key set is EMPTY (nothing replaces it; the filter alone decides), and the window merge
+  is SKIPPED (a logged warning and a ``vision`` trace note with ``n_keep == n_in``): Qwen's ViT
+  attends within windows of its own and merges 2x2 patches after, InternViT is followed by a pixel
+  shuffle, so a 3x3 merge after their layer 0 has no counterpart in the original - a documented
   adaptation.
 
-Missing (not faithful yet): the vision-stage window merge is implemented and tested as a function
-(:func:`mustdrop_window_merge`) but NOT wired into the CLIP forward, because it changes the
-number of image tokens the LLM receives; the LLM therefore sees all 576 patches, and the key set
-is taken over them (``ceil(0.08 * 576) = 47``), as the original does when no window merges.
 Positions: the original renumbers the shortened sequence 0..L'-1; survivors keep their original
 positions here (as for every method of the engine).
 """
@@ -55,7 +68,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from methods import PruneContext, register_prune
+from methods import PruneContext, ViTMerge, ViTMergeSkipped, register_prune
 
 LAYERS = (2, 6, 10, 14)  # 0-based layers whose OUTPUT is filtered (LlamaDynamicvitModel.pruning_layers)
 THRESHOLDS = {192: (0.001, 0.001), 128: (0.0012, 0.001), 64: (0.011, 0.01)}  # scripts/v1_5/eval/*_{192,128,64}.sh
@@ -96,8 +109,26 @@ def mustdrop_key_set(cls_attention: torch.Tensor, key_ratio: float = 0.08) -> to
     return torch.topk(_up(cls_attention).mean(dim=0), k).indices
 
 
+def _windows(n: int, window: int, device: torch.device) -> torch.Tensor:
+    """``[g*g, window*window]`` patch indices of each window (row-major over windows and within)."""
+    side = math.isqrt(n)
+    if side * side != n or side % window:
+        raise ValueError(f"{n} patches are not a square grid divisible by {window} windows")
+    g = side // window
+    return torch.arange(n, device=device).view(g, window, g, window).permute(0, 2, 1, 3).reshape(g * g, window * window)
+
+
+def mustdrop_window_similarity(feat: torch.Tensor, window: int = 3) -> torch.Tensor:
+    """``[g*g]``: each window's mean off-diagonal pairwise cosine of the patches ``feat`` ``[N, C]``."""
+    grid = _windows(feat.shape[0], window, feat.device)
+    w = _up(feat)[grid]  # [g*g, w*w, C]
+    sims = F.cosine_similarity(w[:, :, None, :], w[:, None, :, :], dim=-1)  # [g*g, w*w, w*w]
+    sims = sims * (1 - torch.eye(window * window, device=feat.device))
+    return sims.sum(dim=(-1, -2)) / (window * window * (window * window - 1))
+
+
 def mustdrop_window_merge(
-    x: torch.Tensor, threshold: float = 0.8, window: int = 3
+    x: torch.Tensor, threshold: float = 0.8, window: int = 3, r: int | None = None
 ) -> tuple[torch.Tensor, list[list[int]]]:
     """The vision-stage merge on one image's ViT states ``x`` ``[1 + N, C]`` ([CLS] first, an
     ``s x s`` patch grid, ``s`` divisible by ``window``): ``(out [1 + N', C], groups)``.
@@ -106,29 +137,36 @@ def mustdrop_window_merge(
     off-diagonal pairwise cosines; ``r`` = #windows >= ``threshold``; the top-r windows (descending
     similarity) become their mean; output = [CLS], the merged windows in that order, then every
     other patch in ascending order. ``groups[j]``: the original patch indices behind output
-    patch ``j`` (ascending within a window).
+    patch ``j`` (ascending within a window). ``r`` given: merge that many windows instead (the
+    batch minimum of :func:`mustdrop_vit_merge`).
     """
     cls, feat = x[:1], x[1:]
-    n, c = feat.shape
-    side = math.isqrt(n)
-    if side * side != n or side % window:
-        raise ValueError(f"{n} patches are not a square grid divisible by {window} windows")
-    g = side // window
-    # Window j (row-major over windows) holds patches (row-major within the window).
-    grid = torch.arange(n, device=x.device).view(g, window, g, window).permute(0, 2, 1, 3).reshape(g * g, window * window)
-    w = _up(feat)[grid]  # [g*g, w*w, C]
-    sims = F.cosine_similarity(w[:, :, None, :], w[:, None, :, :], dim=-1)  # [g*g, w*w, w*w]
-    sims = sims * (1 - torch.eye(window * window, device=x.device))
-    sim = sims.sum(dim=(-1, -2)) / (window * window * (window * window - 1))
-    r = int((sim >= threshold).sum())
+    grid = _windows(feat.shape[0], window, x.device)
+    sim = mustdrop_window_similarity(feat, window)
+    if r is None:
+        r = int((sim >= threshold).sum())
     top = sim.topk(r).indices  # descending similarity
     merged = [grid[j].tolist() for j in top.tolist()]
-    rest = torch.ones(g * g, dtype=torch.bool, device=x.device)
+    rest = torch.ones(grid.shape[0], dtype=torch.bool, device=x.device)
     rest[top] = False
     unmerged = grid[rest].flatten().sort().values.tolist()
     groups = merged + [[i] for i in unmerged]
     out = torch.stack([feat[idx].mean(dim=0) for idx in groups]) if groups else feat[:0]
     return torch.cat([cls, out.to(x.dtype)]), groups
+
+
+def mustdrop_vit_merge(x: torch.Tensor, args: dict) -> tuple[torch.Tensor, list[list[list[int]]]]:
+    """The window merge as the method's :class:`methods.ViTMerge` (CLIP layer 0's output ``x``
+    ``[B, 1 + N, C]``): ``r`` = the fewest windows at ``>= merge_threshold`` over the images
+    (``conditional_pooling``'s ``.sum(dim=1).min()``), then :func:`mustdrop_window_merge` per image."""
+    threshold, window = float(args["merge_threshold"]), int(args["window"])
+    n = x.shape[1] - 1
+    side = math.isqrt(n)
+    if side * side != n or side % window:
+        raise ViTMergeSkipped(f"{n} patches are not a square grid of {window}x{window} windows")
+    r = min(int((mustdrop_window_similarity(x[b, 1:], window) >= threshold).sum()) for b in range(x.shape[0]))
+    outs = [mustdrop_window_merge(x[b], threshold, window, r=r) for b in range(x.shape[0])]
+    return torch.stack([o for o, _ in outs]), [g for _, g in outs]
 
 
 def mustdrop_thresholds(keep_ratio: float) -> tuple[float, float]:
@@ -150,16 +188,18 @@ def mustdrop_schedule(keep_ratio: float | None, args: dict) -> tuple[tuple[tuple
 @register_prune(
     "mustdrop",
     stage="intra_llm",
-    needs=("prev_attention_text", "vit_last_cls_attention"),
+    needs=("prev_attention_text", "vit_last_cls_attention", "n_vit_tokens"),
     exact_count=False,
     uses_ratio=False,
     source="liuting20/MustDrop",
     paper="https://arxiv.org/abs/2411.10803",
     deviation="Not in UniPruneBench's code. KEEP_RATIO picks the nearest published thresholds; ViT window merge "
-    "not wired (function only); no [CLS] key set on Qwen/InternVL; positions kept (original renumbers).",
+    "on LLaVA only (merged token at its window's last patch); no merge or [CLS] key set on Qwen/InternVL; "
+    "positions kept (original renumbers).",
     default_layer=3,
     schedule=mustdrop_schedule,
     trim_cache=True,
+    vit_merge=ViTMerge(layer=0, fn=mustdrop_vit_merge),
 )
 def mustdrop(
     ctx: PruneContext,
@@ -169,6 +209,8 @@ def mustdrop(
     global_thr: float = 0.001,
     individual_thr: float = 0.001,
     key_ratio: float = 0.08,
+    merge_threshold: float = 0.8,
+    window: int = 3,
 ) -> torch.Tensor:
     """Drop the visual tokens that the text attends to little both in total and individually; keep the ViT key set.
 
@@ -178,13 +220,15 @@ def mustdrop(
     (``prev_attention_text``), the key set :func:`mustdrop_key_set` of ``vit_last_cls_attention``
     (empty where the family has none, or with ``key_ratio=0``). Defaults: the 192-token scripts'
     thresholds; with ``PRUNE_METHOD=mustdrop`` KEEP_RATIO selects them. ``layers`` only shapes
-    the schedule. ``keep`` (the current count) is not a budget: the count is adaptive.
+    the schedule; ``merge_threshold`` / ``window`` only the ViT merge (:func:`mustdrop_vit_merge`).
+    ``keep`` (the current count) is not a budget: the count is adaptive.
     """
     cls_attention = ctx["vit_last_cls_attention"]
     key_set = None
     if cls_attention is not None and key_ratio > 0:
         # Over the survivors' columns: the key set is kept at every stage, so its members are all
-        # there and the top ceil(key_ratio * n_orig) of the survivors is the top of the image.
-        k = min(math.ceil(key_ratio * ctx.n_orig), ctx.n)
+        # there and the top ceil(key_ratio * N') of the survivors is the top of the image (N': the
+        # ViT's tokens, after its window merge: custom_forward's ceil(0.08 * (N - 1))).
+        k = min(math.ceil(key_ratio * ctx["n_vit_tokens"]), ctx.n)
         key_set = torch.topk(_up(cls_attention).mean(dim=0), k).indices
     return mustdrop_filter(ctx["prev_attention_text"], global_thr, individual_thr, key_set)

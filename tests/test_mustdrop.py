@@ -8,7 +8,14 @@ import torch
 
 import methods
 from families import ATOL, FAMILIES, cfg
-from methods.mustdrop import THRESHOLDS, mustdrop_filter, mustdrop_key_set, mustdrop_thresholds, mustdrop_window_merge
+from methods.mustdrop import (
+    THRESHOLDS,
+    mustdrop_filter,
+    mustdrop_key_set,
+    mustdrop_thresholds,
+    mustdrop_vit_merge,
+    mustdrop_window_merge,
+)
 
 ATTN_TEXT = torch.tensor(  # [H=2, T=3, N=5]
     [
@@ -142,7 +149,10 @@ def test_engine_filters_trims_the_cache_and_equals_the_reference(family):
         assert [(e.stage, e.layer, e.kept) for e in model.prune_trace] == [(e.stage, e.layer, e.kept) for e in trace]
     finally:
         spec.module.unpatch(model)
-    *filters, trim = trace
+    vision, *filters, trim = trace
+    # No window merge: Qwen / InternVL skip it; the tiny LLaVA's 4x4 grid is no grid of 3x3 windows.
+    assert (vision.stage, vision.layer, vision.n_in, vision.n_keep) == ("vision", None, filters[0].n_in, filters[0].n_in)
+    assert vision.note.startswith("ViT merge skipped")
     assert [(e.stage, e.layer) for e in filters] == [("intra_llm", 1), ("intra_llm", 2), ("intra_llm", 3)]
     assert (trim.stage, trim.layer, trim.method) == ("post_prefill", 0, "mustdrop")
     assert filters[-1].n_keep < filters[0].n_in and trim.kept == filters[-1].kept
@@ -174,8 +184,145 @@ def test_cache_trim_starts_below_the_first_filter():
         model, cfg(KEEP_RATIO=0.333, PRUNE_METHOD="mustdrop", PRUNE_ARGS="layers=1/2,global_thr=0.0625,individual_thr=1")
     )
     out = model(**inputs, use_cache=True)
-    *filters, trim = model.prune_trace
+    _, *filters, trim = model.prune_trace  # the first: the (skipped) vision merge
     spec.module.unpatch(model)
     n_final = n_prompt - (filters[0].n_in - filters[-1].n_keep)
     assert trim.layer == 1 and n_final < n_prompt
     assert [out.past_key_values.get_seq_length(i) for i in range(4)] == [n_prompt] + [n_final] * 3
+
+
+# ----------------------------------------------------------------------------- the ViT window merge (LLaVA)
+def _hand_merge(x: torch.Tensor, threshold: float, window: int) -> tuple[torch.Tensor, list]:
+    """MustDrop's merge written out with loops, for ``x`` ``[B, 1 + s*s, C]`` (conditional_pooling +
+    merge_wavg): window similarity = mean off-diagonal cosine; r = the batch minimum of #windows at
+    >= threshold; per image [CLS], the top-r windows' means (descending similarity), the rest ascending."""
+    b_, n1, _ = x.shape
+    side = int(round((n1 - 1) ** 0.5))
+    wins = [[(wr * window + i) * side + wc * window + j for i in range(window) for j in range(window)]
+            for wr in range(side // window) for wc in range(side // window)]
+    sims = []
+    for b in range(b_):
+        u = torch.nn.functional.normalize(x[b, 1:], dim=-1)
+        sims.append([float(sum(u[p] @ u[q] for p in w for q in w if p != q)) / (len(w) * (len(w) - 1)) for w in wins])
+    r = min(sum(v >= threshold for v in row) for row in sims)
+    outs, groups = [], []
+    for b in range(b_):
+        top = sorted(range(len(wins)), key=lambda j: -sims[b][j])[:r]
+        merged = [wins[j] for j in top]
+        rest = sorted(p for j, w in enumerate(wins) if j not in top for p in w)
+        g = merged + [[p] for p in rest]
+        outs.append(torch.stack([x[b, 0]] + [x[b, 1:][m].mean(0) for m in g]))
+        groups.append(g)
+    return torch.stack(outs), groups
+
+
+@torch.no_grad()
+def _hand_vit(eager, pixel_values, threshold, window):
+    """The UNPATCHED eager CLIP with the merge applied to layer 0's output by a forward hook:
+    (hidden_states[-2] [B, 1+N', C], last layer's [CLS] attention [B, H, N'], groups)."""
+    layers = eager.model.vision_tower.encoder.layers
+    got = {}
+
+    def hook(module, args, output):
+        got["merged"], got["groups"] = _hand_merge(output, threshold, window)
+        return got["merged"]
+
+    h = layers[0].register_forward_hook(hook, prepend=True)
+    out = eager.model.vision_tower(pixel_values, output_hidden_states=True, output_attentions=True)
+    h.remove()
+    return out.hidden_states[-2], out.attentions[-1][:, :, 0, 1:], got["groups"]
+
+
+# merge_threshold 0 on the tiny LLaVA at seed 0 (2 images, 2x2 windows of the 4x4 grid; windows
+# 0 = patches 0,1,4,5, 1 = 2,3,6,7, 2 = 8,9,12,13, 3 = 10,11,14,15): window similarities image 0
+# (0.160, 0.094, -0.013, 0.013) -> 3 windows >= 0, image 1 (0.042, -0.068, 0.034, -0.047) -> 2;
+# r = min = 2. Image 0 merges windows 0, 1 (slots: their last patches 5, 7), image 1 windows 0, 2
+# (slots 5, 13); N' = 16 - 2 * 3 = 10 tokens an image; the key set ceil(0.08 * 10) = 1 token.
+MERGE_SLOTS = ([5, 7, 8, 9, 10, 11, 12, 13, 14, 15], [2, 3, 5, 6, 7, 10, 11, 13, 14, 15])
+
+
+@torch.no_grad()
+def test_vit_window_merge_on_llava_equals_the_unpatched_clip_and_the_reference(monkeypatch):
+    from reference import LlavaRef
+
+    import dataclasses
+
+    spec = FAMILIES["llava"]
+    eager = spec.build(seed=0, attn="eager")
+    inputs = spec.inputs("2img", seed=0)
+    hidden, cls_attn, groups = _hand_vit(eager, inputs["pixel_values"], 0.0, 2)
+    assert [[max(g) for g in grp] for grp in groups] == [[5, 7] + list(range(8, 16)), [5, 13, 2, 3, 6, 7, 10, 11, 14, 15]]
+
+    model = spec.build(seed=0)  # the same weights, sdpa
+    real, seen = methods.get_method("mustdrop"), []
+
+    def spy(ctx, keep, **args):  # the real method, its contexts recorded
+        seen.append(ctx)
+        return real.fn(ctx, keep, **args)
+
+    monkeypatch.setitem(methods._REGISTRY, "mustdrop", dataclasses.replace(real, fn=spy))
+    got = {}
+    projector_hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: got.__setitem__("clip", a[0]))
+    text = model.model.language_model
+    layer0_hook = text.layers[0].register_forward_pre_hook(lambda m, a: None if "llm_in" in got else got.__setitem__("llm_in", a[0]))
+    spec.module.patch(model, cfg(KEEP_RATIO=0.333, PRUNE_METHOD="mustdrop",
+                                 PRUNE_ARGS="layers=0/1/2,global_thr=0.1,individual_thr=1,merge_threshold=0,window=2"))
+    n_prompt = inputs["input_ids"].shape[1]
+    try:
+        out = model(**inputs, use_cache=True)
+        trace = model.prune_trace
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        assert [(e.stage, e.kept) for e in model.prune_trace] == [(e.stage, e.kept) for e in trace]
+    finally:
+        spec.module.unpatch(model)
+        projector_hook.remove()
+        layer0_hook.remove()
+
+    # The CLIP features the projector receives: the unpatched CLIP merged after layer 0 (layer 1,
+    # the last, then ran on the merged sequence: its [CLS] attention is the key set's input).
+    torch.testing.assert_close(got["clip"], hidden[:, 1:], atol=1e-5, rtol=0)
+    image = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
+    vision, *filters, trim = trace
+    assert (vision.stage, vision.layer, vision.method) == ("vision", None, "mustdrop")
+    assert vision.images == [(16, 10), (16, 10)] and vision.note == "merged at the output of ViT layer 0"
+    slots = [image[16 * b + torch.tensor(s)].tolist() for b, s in enumerate(MERGE_SLOTS)]
+    assert vision.kept == slots[0] + slots[1] and vision.n_keep == 20
+    # The LLM's input: the projected merged tokens at their slots, in slot order.
+    order = [sorted(range(10), key=lambda j: max(groups[b][j])) for b in range(2)]
+    expected = torch.cat([eager.model.multi_modal_projector(hidden[b, 1:][order[b]]) for b in range(2)])
+    llm_rows = torch.isin(torch.tensor([p for p in range(n_prompt) if p not in set(image.tolist()) or p in set(vision.kept)]),
+                          torch.tensor(vision.kept))
+    torch.testing.assert_close(got["llm_in"][0, llm_rows], expected, atol=1e-5, rtol=0)
+    # The key set's input: the last CLIP layer's [CLS] attention over the merged tokens (slot order).
+    assert [(e.stage, e.layer) for e in filters] == [("intra_llm", 1), ("intra_llm", 2), ("intra_llm", 3)]
+    for b in range(2):
+        torch.testing.assert_close(seen[b]["vit_last_cls_attention"], cls_attn[b][:, order[b]], atol=1e-5, rtol=0)
+        assert seen[b]["n_vit_tokens"] == 10
+        key = int(cls_attn[b].mean(0)[order[b]].argmax())  # ceil(0.08 * 10) = 1 key token
+        assert slots[b][key] in filters[-1].kept
+    assert filters[0].n_in == 20 and filters[-1].n_keep < 20 and trim.kept == filters[-1].kept
+
+    # Prefill and decode: the unpatched model without cache on the merged sequence.
+    class MergedRef(LlavaRef):
+        @staticmethod
+        def embed(model, inputs, ids):
+            emb = LlavaRef.embed(model, inputs, ids).clone()
+            emb[0, torch.tensor(vision.kept)] = expected
+            return emb
+
+    drops = {0: vision.kept, **{e.layer: e.kept for e in filters}}
+    torch.testing.assert_close(out.logits[0], _reference(MergedRef, model, inputs, inputs["input_ids"], drops, set(trim.kept), trim.layer, n_prompt), atol=ATOL, rtol=0)
+    seq, steps = gen.sequences, torch.stack(gen.logits, dim=1)[0]
+    for s in range(steps.shape[0]):
+        logits = _reference(MergedRef, model, inputs, seq[:, : n_prompt + s], drops, set(trim.kept), trim.layer, n_prompt)
+        torch.testing.assert_close(steps[s], logits[-1], atol=ATOL, rtol=0)
+
+
+def test_vit_merge_function_uses_the_batch_minimum():
+    x = torch.stack([_window_features(), _window_features()])
+    x[1, 19:] = torch.randn(18, 4, generator=torch.Generator().manual_seed(3))  # image 1: only window 1 merges
+    out, groups = mustdrop_vit_merge(x, {"merge_threshold": 0.8, "window": 3})
+    assert out.shape == (2, 1 + 36 - 8, 4) and [len(g) for g in groups] == [28, 28]
+    assert groups[0][0] == groups[1][0] == [3, 4, 5, 9, 10, 11, 15, 16, 17] and len(groups[0][1]) == 1
+    with pytest.raises(methods.ViTMergeSkipped, match="4x4 windows"):
+        mustdrop_vit_merge(x, {"merge_threshold": 0.8, "window": 4})
