@@ -27,8 +27,9 @@ attributed to datasets through the sweep's ledger, see ``scripts/_common.py``):
   * theoretical prefill FLOPs of the decoder, without and with pruning (:func:`prefill_flops`),
     and the KV cache those layers hold after the prefill (:func:`kv_cache_bytes`), from the
     checkpoint's ``config.json`` (the path recorded in ``prune_config.json``);
-  * measured peak memory and KV-cache size: the records do not carry them yet (see
-    :data:`MEASURED_MEMORY_KEYS`, the hook that reads them once they do).
+  * measured KV cache after the prefill (every sample, the engine's ``kv_cache_bytes``; it equals
+    the theoretical figure) and peak CUDA memory of the prefill (``peak_memory_bytes``, GPU runs
+    only), averaged per cell (:data:`MEASURED_MEMORY_KEYS`).
 
 Outputs in ``--out``: ``cells.csv`` (one row per cell: score and system metrics), per model
 ``<model>_accuracy.csv`` / ``.md`` and ``<model>_system.csv`` / ``.md``, and ``report.md`` with
@@ -60,8 +61,8 @@ from scripts import _common  # noqa: E402
 logger = logging.getLogger("aggregate")
 
 DEFAULT_WARMUP = 3
-# Hook for measured memory: once the engine's per-sample record carries these keys (bytes), they are
-# averaged per cell like the timings. Until then the columns read "n/a".
+# Measured memory in the engine's per-sample records (bytes; None where not measured, e.g. peak memory
+# on CPU), averaged per cell like the timings.
 MEASURED_MEMORY_KEYS = {"peak_memory_bytes": "peak mem MB", "kv_cache_bytes": "KV cache MB (measured)"}
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float64": 8}
 
@@ -273,7 +274,7 @@ def system_metrics(work: Path, name: str, data: str, datasets: list[str], checkp
         m["KV MB"] = _mean([kv_cache_bytes(r, shape) / 2**20 for r in records])
         m["KV dtype"] = shape.dtype
         m["layers"] = shape.layers
-    for key, column in MEASURED_MEMORY_KEYS.items():  # TODO(engine): records do not carry these yet
+    for key, column in MEASURED_MEMORY_KEYS.items():
         vals = [r[key] / 2**20 for r in records if r.get(key) is not None]
         m[column] = _mean(vals)
     return m
@@ -481,7 +482,7 @@ def system_rows(cells: list[Cell]) -> list[dict[str, Any]]:
 def system_markdown(model: str, rows: list[dict[str, Any]], warmup: int) -> str:
     head = ["Method", "Ratio", "Seed", "Dataset", "Samples (timed)", "Prefill ms mean / median",
             "Method ms mean / median", "Total s", "Visual tokens in → last layer", "Equiv. tokens (ratio)",
-            "Prefill GFLOPs full → pruned (x)", "KV MB full → pruned", "Peak mem MB"]
+            "Prefill GFLOPs full → pruned (x)", "KV MB full → pruned (measured)", "Peak mem MB"]
     lines = [f"### {model}: system metrics", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ratio = r["FLOPs ratio"]
@@ -493,7 +494,7 @@ def system_markdown(model: str, rows: list[dict[str, Any]], warmup: int) -> str:
             f"{_fmt(r['visual in'], 1)} → {_fmt(r['visual final'], 1)}",
             f"{_fmt(r['equiv tokens'], 1)} ({_fmt(r['equiv ratio'], 3)})",
             f"{_fmt(r['prefill GFLOPs full'], 4)} → {_fmt(r['prefill GFLOPs'], 4)} ({_fmt(ratio, 3)})",
-            f"{_fmt(r['KV MB full'], 3)} → {_fmt(r['KV MB'], 3)}",
+            f"{_fmt(r['KV MB full'], 3)} → {_fmt(r['KV MB'], 3)} ({_fmt(r['KV cache MB (measured)'], 3)})",
             _fmt(r["peak mem MB"], 1),
         ]) + " |")
     dtype = next((r["KV dtype"] for r in rows if r.get("KV dtype")), "n/a")
@@ -502,7 +503,8 @@ def system_markdown(model: str, rows: list[dict[str, Any]], warmup: int) -> str:
               "time of the cell's runner processes, model loading included. Equivalent tokens: visual tokens "
               "averaged over the decoder's layers. GFLOPs: decoder prefill per sample, theoretical "
               "(scripts/aggregate.py:layer_flops); KV MB: keys and values cached after the prefill, theoretical, "
-              f"in the checkpoint dtype ({dtype}). Peak memory: not recorded by the harness yet (n/a)."]
+              f"in the checkpoint dtype ({dtype}), and in brackets the cache measured after the prefill. Peak "
+              "memory: peak CUDA memory during the prefill (n/a on CPU)."]
     return "\n".join(lines)
 
 

@@ -316,6 +316,8 @@ def test_tiny_sweep_system_metrics(tiny):
             n = len(pd.read_csv(lmu / f"{r['dataset']}.tsv", sep="\t"))
             assert (r["records"], r["timed"], r["runs"]) == (n, n - 1, 1), (family, r["dataset"])
             assert r["total s"] > 0 and r["visual in"] == 16 and r["KV dtype"] == "float32"
+            assert r["KV cache MB (measured)"] == pytest.approx(r["KV MB"])  # the engine's cache = the theory
+            assert r["peak mem MB"] is None  # CUDA only
             assert n == 1 or r["prefill ms mean"] > 0
             if r["method"] == "vanilla":
                 assert r["FLOPs ratio"] == 1 and r["visual final"] == 16 and r["method ms mean"] in (0, None)
