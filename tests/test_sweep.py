@@ -140,6 +140,9 @@ def test_dry_run_lists_the_cells_and_runs_nothing(setup, dry):
     assert "export KEEP_RATIO=0.5 PRUNE_METHOD_INTRA_LLM=fastv_intra_llm" in dry.stdout
     assert not _runner_calls(setup)
     assert not setup["work"].exists()
+    refused = subprocess.run([*setup["cmd"], "--one-load", "--jobs", "2", "--dry-run"], env=setup["env"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--one-load runs one process" in refused.stderr
 
 
 def test_the_sweep_runs_every_cell(setup, full):
