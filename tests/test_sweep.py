@@ -1,10 +1,14 @@
-"""The sweep (``scripts/sweep.sh``), its aggregation and plots, end to end on the tiny Qwen checkpoint.
+"""The sweep (``scripts/sweep.sh``), its aggregation and plots, end to end on the tiny checkpoints.
 
-One sweep, in the order a user meets it: ``--dry-run`` lists the cells; a sweep killed in its first
-cell (after VLMEvalKit saved some predictions), whose prediction root is then renamed to an older
-day as after midnight or a commit; the full sweep, which resumes that cell without recomputing the
-saved predictions and runs the others; a re-run, which starts no runner; then the tables and PNGs.
-A second part checks the aggregation's arithmetic on hand-written score files.
+One sweep on the tiny Qwen checkpoint and MME_tiny, one runner per cell, in the order a user meets
+it: ``--dry-run`` lists the cells; a sweep killed in its first cell (after VLMEvalKit saved some
+predictions), whose prediction root is then renamed to an older day as after midnight or a commit;
+the full sweep, which resumes that cell without recomputing the saved predictions and runs the
+others; a re-run, which starts no runner; then the tables and PNGs. Then ``scripts/tiny_sweep.py``:
+the three families x the twelve tiny datasets of the paper's ten formats with ``--one-load``, its
+tables and plots, and its cells compared with the per-cell runners'; one cell under ``--nproc 2``
+(``torchrun`` on CPU) compared with the one-process run. A last part checks the aggregation's
+arithmetic on hand-written score files.
 """
 
 from __future__ import annotations
