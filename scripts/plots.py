@@ -11,7 +11,8 @@
 * ``overlay_<model name>_<dataset>_s<sample>.png`` (``--overlay NAME DATASET SAMPLE``): the kept
   visual tokens of one sample drawn over the image on its token grid, one panel per pruning event
   (pre-LLM, then each intra-LLM layer). ``SAMPLE`` is the 1-based record of the cell's first runner
-  process, which is the dataset's row of the same rank (VLMEvalKit infers rows in order).
+  process, which is the dataset's row of the same rank (VLMEvalKit infers rows in order); under
+  ``torchrun``, rank 0's SAMPLE-th record, row ``(SAMPLE - 1) * world_size``.
 
 The records hold the kept positions in the prompt but not where the image starts nor its grid, so
 the overlay rebuilds them: the row's image and question are read from ``$LMUData/<dataset>.tsv``,
@@ -229,6 +230,17 @@ def image_token_grid(checkpoint: str, image: Any, question: str) -> dict[str, An
     return {"start": int(where[0]), "n": int(n_tokens), "grid": tuple(grid), "views": views, "n_prompt": int(ids.numel())}
 
 
+def first_run_record(part: list[dict | None], sample: int, what: str = "") -> tuple[dict, int]:
+    """Record ``sample`` (1-based) of a run's records and the dataset row (0-based) it is. Under
+    ``torchrun`` the ranks' records interleave: ``sample`` counts rank 0's, whose k-th sample is row
+    ``(k - 1) * world_size`` (VLMEvalKit gives rank r the rows r, r + world_size, ...)."""
+    world = len({int(r.get("rank") or 0) for r in part if r is not None}) or 1
+    mine = [r for r in part if r is None or int(r.get("rank") or 0) == 0] if world > 1 else part
+    if not 1 <= sample <= len(mine) or mine[sample - 1] is None:
+        raise SystemExit(f"{what}: no record {sample} (the first run has {len(mine)}{' on rank 0' if world > 1 else ''})")
+    return mine[sample - 1], (sample - 1) * world
+
+
 def overlay(work: Path, name: str, data: str, sample: int, lmu: Path, out: Path) -> Path:
     import json
 
@@ -245,13 +257,11 @@ def overlay(work: Path, name: str, data: str, sample: int, lmu: Path, out: Path)
         part = records[first.start : first.end]
     else:
         part = records  # a folder the sweep did not write: assume one dataset, one run
-    if not 1 <= sample <= len(part) or part[sample - 1] is None:
-        raise SystemExit(f"{name}/{data}: no record {sample} (the first run has {len(part)})")
-    record = part[sample - 1]
+    record, row = first_run_record(part, sample, f"{name}/{data}")
     if not record.get("events"):
         raise SystemExit(f"{name}/{data} record {sample}: no pruning event (vanilla?)")
     checkpoint = json.loads((model_dir / "prune_config.json").read_text())["model"]
-    image, question, index = sample_row(lmu, data, sample - 1)
+    image, question, index = sample_row(lmu, data, row)
     g = image_token_grid(checkpoint, image, question)
     if g["n"] != record["n_visual"]:
         raise SystemExit(f"rebuilt prompt has {g['n']} image tokens, the record {record['n_visual']}: "

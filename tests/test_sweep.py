@@ -424,6 +424,11 @@ def test_torchrun_two_ranks_give_the_one_process_results(setup, torchrun):
     for timing in ("prefill_times.txt", "method_times_fastv_intra_llm.txt"):
         lines = (folder / timing).read_text().splitlines()
         assert sorted(line.split("\t")[-1] for line in lines) == ["0"] * (N_SAMPLES // 2) + ["1"] * (N_SAMPLES // 2)
+    # The overlay finds the row of rank 0's third sample (row 4) and checks the record against it.
+    assert plots.first_run_record(records, 3)[1] == 4
+    png = plots.overlay(work, name, DATA, 3, setup["root"] / "lmu", work / "_report")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.first_run_record(one, 3) == (one[2], 2)
     # Warm-up is excluded per rank: 2 samples of each of the two processes.
     (row,) = aggregate.aggregate(work, work / "_report", warmup=2)["models"][setup["ckpt"].name]["system"]
     assert (row["records"], row["timed"]) == (N_SAMPLES, N_SAMPLES - 4)
