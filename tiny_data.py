@@ -945,8 +945,9 @@ def _mia_bench_images_from(tiny_class: type, tiny: str):
 
 
 def _make_tiny_class(tiny: str, base: type) -> type:
-    """A subclass of ``base`` that knows only ``tiny`` (no URL, no md5) and logs the judge note."""
-    real = TINY_DATASETS[tiny].real
+    """A subclass of ``base`` that knows only ``tiny`` (no URL, no md5: it reads
+    ``$LMUData/<tiny>.tsv``) and, for the tiny copies of the paper's datasets, logs the judge note."""
+    real = TINY_DATASETS[tiny].real if tiny in TINY_DATASETS else tiny
 
     def evaluate(owner, eval_file, **judge_kwargs):
         note = judge_note(tiny, judge_kwargs.get("model"))
@@ -979,6 +980,12 @@ def register_tiny_datasets() -> list[str]:
     Call it in every process that runs ``vlmeval.run.main()`` (under torchrun: in the launcher
     script, which every rank executes).
     """
+    return register_local_datasets({tiny: spec.vlmeval_class for tiny, spec in TINY_DATASETS.items()})
+
+
+def register_local_datasets(classes: dict[str, str]) -> list[str]:
+    """Register datasets read from ``$LMUData/<name>.tsv`` with vlmeval (idempotent), each scored by
+    the vlmeval class named in ``classes`` (``{name: class name}``, e.g. ``"ImageMCQDataset"``)."""
     try:
         from tv_compat import ensure_torchvision
     except ImportError:  # pragma: no cover - tv_compat is a sibling module of this file
@@ -987,13 +994,13 @@ def register_tiny_datasets() -> list[str]:
         ensure_torchvision()
     import vlmeval.dataset as vdataset
 
-    for tiny, spec in TINY_DATASETS.items():
-        cls = _TINY_CLASSES.get(tiny)
+    for name, class_name in classes.items():
+        cls = _TINY_CLASSES.get(name)
         if cls is None:
-            cls = _TINY_CLASSES[tiny] = _make_tiny_class(tiny, getattr(vdataset, spec.vlmeval_class))
+            cls = _TINY_CLASSES[name] = _make_tiny_class(name, getattr(vdataset, class_name))
         if cls not in vdataset.DATASET_CLASSES:
             vdataset.DATASET_CLASSES.append(cls)
-        if tiny not in vdataset.SUPPORTED_DATASETS:
-            vdataset.SUPPORTED_DATASETS.append(tiny)
-    logger.debug("registered %s", ", ".join(TINY_DATASETS))
-    return list(TINY_DATASETS)
+        if name not in vdataset.SUPPORTED_DATASETS:
+            vdataset.SUPPORTED_DATASETS.append(name)
+    logger.debug("registered %s", ", ".join(classes))
+    return list(classes)
