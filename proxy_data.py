@@ -149,6 +149,16 @@ def render(scene: Scene) -> Image.Image:
     return img
 
 
+def as_evaluated(img: Image.Image) -> Image.Image:
+    """``img`` as the model sees it through VLMEvalKit: the TSV's PNG is dumped to a ``.jpg`` file
+    with PIL's defaults (``decode_base64_to_image_file``: JPEG, quality 75) and read back. Training
+    and the training script's held-out check use this, so they match the evaluation path."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
 def token_labels(scene: Scene) -> dict[str, np.ndarray]:
     """Per visual token (row-major over the 8x8 grid): the index into :data:`SHAPE_CLASSES`,
     :data:`COLOR_CLASSES`, :data:`GLYPH_CLASSES` of what is in its cell, and the background colour

@@ -203,6 +203,16 @@ def _cpu_distributed() -> None:
     dist.init_process_group = init_gloo
 
 
+def register_local_datasets() -> list[str]:
+    """Register the datasets this project writes itself with vlmeval: the tiny copies of the paper's
+    ten (``<NAME>_tiny``) and the proxy suite (``Proxy_MCQ``, ...). Every process that runs
+    VLMEvalKit calls it (the runners, the one-load sweep)."""
+    import proxy_data
+    import tiny_data
+
+    return tiny_data.register_tiny_datasets() + proxy_data.register_datasets()
+
+
 def main(family: ModuleType, argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -215,13 +225,11 @@ def main(family: ModuleType, argv: Sequence[str] | None = None) -> None:
     if "--model" not in argv:
         raise SystemExit("--model is required (a model name, or a checkpoint folder)")
 
-    import proxy_data
     import tiny_data
     import vlmeval.config
     import vlmeval.run
 
-    tiny_data.register_tiny_datasets()
-    proxy_data.register_datasets()  # the proxy benchmark's synthetic suite (Proxy_MCQ, ...)
+    register_local_datasets()
     if "--data" in argv:  # say which datasets need an LLM judge for their official score
         start, end = _flag_values(argv, "--data")
         judge = argv[argv.index("--judge") + 1] if "--judge" in argv[:-1] else None

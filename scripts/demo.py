@@ -1,20 +1,18 @@
-"""The embedded demo (``make demo``): no download, a few minutes on two cores.
+"""The embedded demo (``make demo``): trained proxy models, no download, a few minutes on two cores.
 
-Builds a tiny random-weight checkpoint of each family (Qwen2.5-VL, InternVL3, LLaVA-1.5) and a
-tiny MME-format dataset (all 14 categories), then runs the family's runner (``run_qwenvl2_5.py``,
-``run_internvl3.py``, ``run_llava.py``) once per configuration, exactly as a user would
-(``export KEEP_RATIO=... PRUNE_METHOD_...=...; python run_<family>.py --model ... --data ...``),
-through the real VLMEvalKit path, and prints one table: family, configuration, MME score, prefill
-ms, method ms and kept visual tokens. The weights are random, so the scores are noise: the demo
-shows the machinery.
+Runs the shipped proxy checkpoints (``proxy_checkpoints/``: tiny models of the three families'
+real architectures trained on the synthetic suite by ``scripts/train_proxy.py``) on the held-out
+synthetic suite (``proxy_data``: Proxy_MCQ, Proxy_POPE, Proxy_OCRBench in VLMEvalKit's real
+formats), vanilla and a handful of methods at the paper's kept ratios 0.333 / 0.222 / 0.111, as a
+sweep (``scripts/sweep.sh --one-load``: each checkpoint loaded once, every cell named and stored as
+the runners ``run_<family>.py`` store it), scored by VLMEvalKit's own code. It then reads the
+scores per question type and prints the
+paper-style table (rows: method grouped by kept ratio; columns: question types, average and drop
+against vanilla; prefill and method ms; kept visual tokens) and draws accuracy against the kept
+ratio (``demo_outputs/<family>_accuracy_vs_ratio.png``).
 
-Sample count: ``--per-category N`` images per MME category (two questions each; default 2, i.e.
-56 samples a run). VLMEvalKit's ``--first-n`` cannot shorten an MME run: MME scoring needs all 14
-categories, so a truncated run writes no score file. Each run uses one torch thread unless
-``OMP_NUM_THREADS`` is set (the tiny models gain nothing from more, and a busy machine makes
-multi-threaded timings erratic).
-
-Everything lands in ``demo_outputs/`` (the checkpoints are kept between runs; results are redone).
+One torch thread unless ``OMP_NUM_THREADS`` is set. Timing means exclude the first samples of each
+cell (warm-up). Everything lands in ``demo_outputs/``.
 """
 
 from __future__ import annotations
@@ -33,122 +31,167 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import proxy_data  # noqa: E402
+
 logger = logging.getLogger("demo")
 
-# (family label, runner script, checkpoint folder name, name of the tiny_checkpoints writer)
-FAMILIES: list[tuple[str, str, str, str]] = [
-    ("qwen2.5-vl", "run_qwenvl2_5.py", "tiny-qwen2.5-vl", "save_tiny_qwen"),
-    ("internvl3", "run_internvl3.py", "tiny-internvl3", "save_tiny_internvl"),
-    ("llava-1.5", "run_llava.py", "tiny-llava-1.5", "save_tiny_llava"),
+CHECKPOINTS = ROOT / "proxy_checkpoints"
+# (family label, sweep.sh family, shipped checkpoint folder)
+FAMILIES: list[tuple[str, str, str]] = [
+    ("qwen2.5-vl", "qwen", "qwen2_5_vl"),
+    ("internvl3", "internvl", "internvl3"),
+    ("llava-1.5", "llava", "llava1_5"),
 ]
-
-# (label, environment) — vanilla is a configuration like any other.
-CONFIGS: list[tuple[str, dict[str, str]]] = [
-    ("vanilla", {}),
-    ("random_pre_llm 0.333", {"KEEP_RATIO": "0.333", "PRUNE_METHOD_PRE_LLM": "random_pre_llm"}),
-    ("divprune_pre_llm 0.111", {"KEEP_RATIO": "0.111", "PRUNE_METHOD_PRE_LLM": "divprune_pre_llm"}),
-    ("fastv_intra_llm L2 0.333", {"KEEP_RATIO": "0.333", "PRUNE_METHOD_INTRA_LLM": "fastv_intra_llm"}),
-    (
-        "divprune 0.333 + fastv L2 0.111",
-        {"KEEP_RATIO": "0.333", "PRUNE_METHOD_PRE_LLM": "divprune_pre_llm", "INTRA_LLM_LAYER_SPECS": "2:fastv_intra_llm:0.111"},
-    ),
-]
-WARMUP = 2  # first samples of each run excluded from the timing means
+RATIOS = (0.333, 0.222, 0.111)
+METHODS = ("pre:random_pre_llm", "pre:divprune_pre_llm", "intra:fastv_intra_llm")  # sweep.sh method tokens
+DATASETS = tuple(proxy_data.DATASETS)
+WARMUP = 2  # first samples of each cell excluded from the timing means
 
 
-def prepare(out: Path, per_category: int) -> tuple[dict[str, Path], Path]:
-    import tiny_checkpoints
-    import tiny_data
-
-    ckpts = {}
-    for family, _, folder, writer in FAMILIES:
-        ckpt = out / "checkpoints" / folder
-        if not (ckpt / "config.json").exists():
-            getattr(tiny_checkpoints, writer)(ckpt)
-        ckpts[family] = ckpt
-    lmu = out / "LMUData"
-    lmu.mkdir(parents=True, exist_ok=True)
-    tiny_data.write_mme_tiny(lmu, n_per_category=per_category)
-    return ckpts, lmu
-
-
-def run_config(family: str, runner: str, label: str, env: dict[str, str], ckpt: Path, lmu: Path, out: Path) -> dict:
-    timing_dir = out / "timing" / family / label.replace(" ", "_").replace("+", "and")
-    timing_dir.mkdir(parents=True, exist_ok=True)
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEP_", "PRUNE_", "INTRA_LLM"))}
-    child_env.setdefault("OMP_NUM_THREADS", "1")
-    child_env.update(env, LMUData=str(lmu), METHOD_TIME="1", PREFILL_TIME="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, str(ROOT / runner), "--model", str(ckpt), "--data", "MME_tiny",
-           "--work-dir", str(out / "work"), "--max-new-tokens", "8"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=child_env, cwd=timing_dir, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    (timing_dir / "run.log").write_text(proc.stdout + proc.stderr)
+def sweep(out: Path, ckpts: dict[str, Path], lmu: Path) -> None:
+    """Every family x (vanilla + METHODS x RATIOS) x DATASETS through ``scripts/sweep.sh --one-load``
+    (each checkpoint loaded once; cells named and stored exactly as the per-cell runners do)."""
+    cmd = ["bash", str(ROOT / "scripts" / "sweep.sh"), "--methods", " ".join(("vanilla", *METHODS)),
+           "--ratios", " ".join(map(str, RATIOS)), "--seeds", "0", "--datasets", " ".join(DATASETS),
+           "--work-dir", str(out / "work"), "--python", sys.executable, "--one-load"]
+    for family, path in ckpts.items():
+        cmd += ["--model", f"{family} {path}"]
+    cmd += ["--", "--judge", "exact_matching", "--max-new-tokens", "4"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEP_", "PRUNE_", "INTRA_LLM", "MMEVAL_ROOT"))}
+    env.update(LMUData=str(lmu), PYTHONPATH=str(ROOT), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    logger.info("%s", " ".join(cmd))
+    proc = subprocess.run(cmd, env=env, cwd=out, capture_output=True, text=True)
+    (out / "sweep.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise SystemExit(f"{family} / {label}: run failed (exit {proc.returncode}); log: {timing_dir / 'run.log'}\n{proc.stderr[-3000:]}")
-    from utils import PruneConfig
+        raise SystemExit(f"the sweep failed (exit {proc.returncode}); log: {out / 'sweep.log'}\n{proc.stderr[-3000:]}")
 
-    tag = PruneConfig.from_env(env).tag()
-    name = f"{ckpt.name}__{tag}" if tag else ckpt.name
-    score_files = sorted((out / "work" / name).glob(f"{name}_MME_tiny_score.csv"))
-    if not score_files:
-        raise SystemExit(f"{family} / {label}: no score file under {out / 'work' / name}; log: {timing_dir / 'run.log'}")
+
+def type_accuracy(model_dir: Path) -> dict[str, float]:
+    """Accuracy (%) per question type from the score files VLMEvalKit wrote in ``model_dir``."""
     import pandas as pd
 
-    score = pd.read_csv(score_files[0]).iloc[0]
-    records = [json.loads(line) for line in (out / "work" / name / "prune_records.jsonl").read_text().splitlines()]
-    timed = records[WARMUP:] or records
-    row = {
-        "family": family,
-        "config": label,
-        "MME": float(score["perception"]) + float(score["reasoning"]),
+    def one(suffix: str) -> Path:
+        found = sorted(model_dir.glob(f"{model_dir.name}_{suffix}"))
+        if not found:
+            raise SystemExit(f"no VLMEvalKit score file *_{suffix} under {model_dir}")
+        return found[0]
+
+    acc = {}
+    mcq = pd.read_csv(one("Proxy_MCQ_acc.csv")).iloc[0]
+    for t in proxy_data.DATASETS["Proxy_MCQ"][1]:
+        acc[t] = 100 * float(mcq[proxy_data.CATEGORY[t]])
+    pope = pd.read_csv(one("Proxy_POPE_score.csv")).set_index("split")
+    acc["existence"] = float(pope.loc[proxy_data.CATEGORY["existence"], "acc"])
+    text = json.loads(one("Proxy_OCRBench_score.json").read_text())[proxy_data.CATEGORY["text"]]
+    acc["text"] = 100 * text["sum"] / text["count"]
+    return acc
+
+
+def read_cell(model_dir: Path, family: str) -> dict:
+    """One configuration's row: its method and ratio (from ``prune_config.json``), accuracy per type,
+    timing means after warm-up, kept visual tokens."""
+    cfg = json.loads((model_dir / "prune_config.json").read_text())
+    if cfg["pre_method"]:
+        method, ratio = cfg["pre_method"], cfg["keep_ratio"]
+    elif cfg["intra"]:
+        method, ratio = cfg["intra"][0]["method"], cfg["intra"][0]["ratio"]
+    else:
+        method, ratio = "vanilla", 1.0
+    records = [json.loads(line) for line in (model_dir / "prune_records.jsonl").read_text().splitlines()]
+    timed = [r for d in DATASETS for r in [x for x in records if x.get("dataset") == d][WARMUP:]] or records
+    acc = type_accuracy(model_dir)
+    return {
+        "family": family, "method": method, "ratio": float(ratio), **acc, "avg": statistics.fmean(acc.values()),
+        "prefill ms": statistics.mean(r["prefill_ms"] for r in timed),
+        "method ms": statistics.mean(sum((e["ms"] or 0.0 for e in r["events"]), 0.0) for r in timed),
+        "kept": statistics.mean(r["n_visual_final"] for r in records), "visual": records[0]["n_visual"],
         "samples": len(records),
-        "wall s": wall,
     }
-    row["prefill ms"] = statistics.mean(r["prefill_ms"] for r in timed)
-    row["method ms"] = statistics.mean(sum((e["ms"] or 0.0 for e in r["events"]), 0.0) for r in timed)
-    row["kept"] = f"{statistics.mean(r['n_visual_final'] for r in records):.1f}/{records[0]['n_visual']}"
-    return row
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "demo_outputs")
-    parser.add_argument("--per-category", type=int, default=2,
-                        help="MME_tiny images per category (2 questions each, 14 categories; default 2: 56 samples a run)")
-    parser.add_argument("--families", nargs="+", default=[f for f, *_ in FAMILIES],
-                        choices=[f for f, *_ in FAMILIES], help="families to run (default: all three)")
-    args = parser.parse_args()
-    out = args.out.resolve()
-    shutil.rmtree(out / "work", ignore_errors=True)
-    shutil.rmtree(out / "timing", ignore_errors=True)
-    t0 = time.perf_counter()
-    ckpts, lmu = prepare(out, args.per_category)
-    rows = []
-    for family, runner, _, _ in FAMILIES:
-        if family not in args.families:
-            continue
-        for label, env in CONFIGS:
-            logger.info("running %s / %s ...", family, label)
-            rows.append(run_config(family, runner, label, env, ckpts[family], lmu, out))
-    table = format_table(rows)
-    (out / "results.md").write_text(table + "\n")
-    print(table)
-    print(f"\n{len(rows)} runs of {rows[0]['samples'] if rows else 0} MME_tiny samples each "
-          f"({args.per_category} image(s) x 2 questions x 14 categories) in {time.perf_counter() - t0:.0f} s. "
-          f"Timing means exclude the first {WARMUP} samples of each run; kept = mean visual tokens left / per image.")
-    print(f"Files: {out}/work/<model>__<config>/ (VLMEvalKit predictions and scores, prune_records.jsonl, "
-          f"prune_config.json), {out}/timing/<family>/<config>/ (method_times_*.txt, prefill_times.txt, run.log), "
-          f"{out}/results.md.")
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["family", "config", "MME", "prefill ms", "method ms", "kept", "samples"]
-    fmt = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
+    """Markdown: per family, vanilla then the methods grouped by kept ratio; accuracy per question
+    type, the average and its drop against the family's vanilla."""
+    types = list(proxy_data.TYPES)
+    cols = ["family", "kept ratio", "method", *types, "avg", "Δ avg", "prefill ms", "method ms", "kept tokens"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    vanilla = {r["family"]: r["avg"] for r in rows if r["method"] == "vanilla"}
+    for r in rows:
+        ratio = "100 %" if r["method"] == "vanilla" else f"{100 * r['ratio']:.1f} %"
+        drop = "" if r["method"] == "vanilla" else f"{r['avg'] - vanilla[r['family']]:+.1f}"
+        cells = [r["family"], ratio, r["method"], *(f"{r[t]:.1f}" for t in types), f"{r['avg']:.1f}", drop,
+                 f"{r['prefill ms']:.1f}", f"{r['method ms']:.2f}", f"{r['kept']:.1f}/{r['visual']}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], family: str, path: Path) -> Path:
+    """Accuracy against the kept ratio, one panel per question type (and the average), one line
+    per method, vanilla dashed at 1.0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [*proxy_data.TYPES, "avg"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7), sharex=True)
+    mine = [r for r in rows if r["family"] == family]
+    vanilla = next(r for r in mine if r["method"] == "vanilla")
+    for ax, key in zip(axes.flat, panels):
+        for label in (token.split(":", 1)[1] for token in METHODS):
+            pts = sorted((r["ratio"], r[key]) for r in mine if r["method"] == label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.axhline(vanilla[key], color="k", linestyle="--", linewidth=1, label="vanilla")
+        ax.set_title(key)
+        ax.set_ylim(-2, 102)
+        ax.set_xlabel("kept ratio")
+        ax.set_ylabel("accuracy %")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{family} proxy: accuracy vs kept visual tokens (held-out synthetic suite)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "demo_outputs")
+    parser.add_argument("--scenes", type=int, default=40,
+                        help="held-out scenes (each gives one question of every type; default 40: 200 questions a run)")
+    parser.add_argument("--families", nargs="+", default=[f for f, *_ in FAMILIES], choices=[f for f, *_ in FAMILIES])
+    parser.add_argument("--checkpoints", type=Path, default=CHECKPOINTS)
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    shutil.rmtree(out / "work", ignore_errors=True)
+    t0 = time.perf_counter()
+    lmu = out / "LMUData"
+    proxy_data.write_datasets(lmu, n=args.scenes)
+    ckpts = {}
+    for label, family, folder in FAMILIES:
+        if label in args.families:
+            ckpts[family] = args.checkpoints / folder
+            if not (ckpts[family] / "config.json").exists():
+                raise SystemExit(f"no proxy checkpoint at {ckpts[family]}; train one with "
+                                 f"`python -m scripts.train_proxy --family {family} --out {ckpts[family]}`")
+    sweep(out, ckpts, lmu)
+    rows = []
+    for label, family, folder in FAMILIES:
+        if family in ckpts:
+            display = ckpts[family].resolve().name  # the runner names a checkpoint folder by its name
+            cells = [read_cell(d, label) for d in sorted((out / "work").glob(f"{display}*")) if (d / "prune_config.json").exists()]
+            rows += sorted(cells, key=lambda r: (-r["ratio"], r["method"]))
+    table = format_table(rows)
+    (out / "results.md").write_text(table + "\n")
+    plots = [plot(rows, family, out / f"{family}_accuracy_vs_ratio.png") for family in dict.fromkeys(r["family"] for r in rows)]
+    print(table)
+    print(f"\n{len(rows)} runs of {rows[0]['samples']} held-out questions each ({args.scenes} scenes x 5 types) in "
+          f"{time.perf_counter() - t0:.0f} s. Accuracy in %; Δ avg = average minus the family's vanilla; timing means "
+          f"exclude the first {WARMUP} samples of each run; kept = mean visual tokens left / per image.")
+    print(f"Plots: {', '.join(str(p) for p in plots)}. Files: {out}/work/<model>__<config>/ (VLMEvalKit predictions "
+          f"and scores, prune_records.jsonl, prune_config.json), {out}/work/_sweep/ (per-cell logs, ledgers, timing "
+          f"files), {out}/sweep.log, {out}/results.md.")
 
 
 if __name__ == "__main__":

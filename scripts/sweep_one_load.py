@@ -169,11 +169,11 @@ class Group:
 
 def run(work: Path, plan: list[list[str]], runner_args: list[str], timing: bool) -> int:
     """Run the plan's cells, grouped by checkpoint in plan order; returns the number of failed cells."""
-    import tiny_data
+    import vlm_adapter
 
     (work / _common.SWEEP_DIR).mkdir(parents=True, exist_ok=True)
     with _output_to(work / _common.SWEEP_DIR / "one_load.log"):  # importing vlmeval logs an error about .env
-        tiny_data.register_tiny_datasets()
+        vlm_adapter.register_local_datasets()
     groups: dict[tuple[str, str, str], list[list[str]]] = {}
     for fields in plan:
         groups.setdefault((fields[2], fields[3], fields[4]), []).append(fields)

@@ -133,3 +133,17 @@ def test_the_trained_tokenizer_covers_every_prompt_word():
         for q in P.questions(P.random_scene(seed)).values():
             assert set(P._words(q.prompt())) <= words
             assert q.target in words
+
+
+def test_the_training_images_are_the_images_vlmeval_feeds_the_model(lmu):
+    """VLMEvalKit dumps each TSV image to a .jpg and the adapter reads that file: training and the
+    held-out check use :func:`proxy_data.as_evaluated`, which must give the same pixels."""
+    from PIL import Image
+    from vlmeval.dataset import build_dataset
+
+    ds = build_dataset("Proxy_OCRBench")
+    for i, scene in enumerate(P.eval_scenes(3)):
+        (path,) = [m["value"] for m in ds.build_prompt(ds.data.iloc[i]) if m["type"] == "image"]
+        seen = np.asarray(Image.open(path).convert("RGB"))
+        assert np.array_equal(seen, np.asarray(P.as_evaluated(P.render(scene))))
+        assert not np.array_equal(seen, np.asarray(P.render(scene)))  # JPEG differs from the render
