@@ -200,11 +200,11 @@ def answer_labels(input_ids: torch.Tensor, marker: list[int], stops: list[int]) 
     return labels
 
 
-def training_batch(processor, seeds: list[int], rng: random.Random):
+def training_batch(processor, seeds: list[int], rng: random.Random, types: tuple[str, ...] = P.TYPES):
     scenes = [P.random_scene(s) for s in seeds]
     texts = []
     for scene in scenes:
-        qs = list(P.questions(scene).values())
+        qs = [q for t, q in P.questions(scene).items() if t in types]
         rng.shuffle(qs)
         texts.append(chat_text(processor, [(q.prompt(), q.target) for q in qs]))
     inputs = processor(text=texts, images=[P.as_evaluated(P.render(s)) for s in scenes], padding=True,
@@ -260,6 +260,7 @@ def heldout_accuracy(model, processor, n: int = 256, seed: int = 0, batch: int =
             inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
             logits = model(**inputs).logits
             last = inputs["attention_mask"].sum(1) - 1  # right padding
+            last = last + logits.shape[1] - inputs["input_ids"].shape[1]  # pre-LLM pruning shortens the sequence
             pred = logits[torch.arange(len(chunk)), last].argmax(-1)
             for q, p in zip(qs, pred.tolist()):
                 correct[t] += tok.convert_ids_to_tokens(p) == q.target
@@ -280,9 +281,14 @@ def load(family: str, path: Path):
 
 
 def train(family: str, steps: int, seed: int = 0, batch: int = 32, lr: float = 2e-3, warmup: int = 30,
-          log_every: int = 25, eval_every: int = 200, init: Path | None = None):
+          log_every: int = 25, eval_every: int = 200, init: Path | None = None, types: tuple[str, ...] = P.TYPES):
     """``steps`` AdamW steps from a fresh model (``init=None``) or from a saved checkpoint (a
     second stage: fresh optimiser, schedule and auxiliary heads; scenes from a disjoint seed range)."""
+    with torch.enable_grad():  # whatever the caller's grad mode (VLMEvalKit's inference switches it off)
+        return _train(family, steps, seed, batch, lr, warmup, log_every, eval_every, init, types)
+
+
+def _train(family, steps, seed, batch, lr, warmup, log_every, eval_every, init, types):
     model, processor = BUILDERS[family](seed) if init is None else load(family, init)
     model.train()
     d = model.config.text_config.hidden_size
@@ -303,7 +309,7 @@ def train(family: str, steps: int, seed: int = 0, batch: int = 32, lr: float = 2
         first = seed * 1_000_000 + (500_000 if init is not None else 0)  # a second stage sees new scenes
         seeds = [first + step * batch + i for i in range(batch)]
         assert seeds[-1] < P.EVAL_SEED_BASE
-        inputs, targets = training_batch(processor, seeds, rng)
+        inputs, targets = training_batch(processor, seeds, rng, types)
         labels = answer_labels(inputs["input_ids"], marker, stops)
         logits = model(**inputs).logits
         lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
@@ -336,6 +342,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--init", type=Path, help="continue from this saved checkpoint (a second training stage)")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--types", nargs="+", choices=P.TYPES, default=list(P.TYPES),
+                    help="question types in the training conversations (a focused stage; default all five)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -343,7 +351,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     previous = json.loads((args.init / "train_log.json").read_text()) if args.init else None
-    model, processor, minutes = train(args.family, args.steps, args.seed, batch=args.batch, lr=args.lr, init=args.init)
+    model, processor, minutes = train(args.family, args.steps, args.seed, batch=args.batch, lr=args.lr, init=args.init,
+                                      types=tuple(args.types))
     args.out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(args.out)  # fp16 on disk: half the size
     processor.save_pretrained(args.out)
@@ -354,7 +363,7 @@ def main(argv=None) -> None:
         print(f"held-out accuracy  {t:<10} {100 * a:6.1f} %")
     log = {"family": args.family, "steps": args.steps, "seed": args.seed, "batch": args.batch, "train_minutes": round(minutes, 1),
            "threads": args.threads, "heldout_scenes": args.eval_n, "heldout_accuracy": acc,
-           "lr": args.lr, "command": "python -m scripts.train_proxy " + " ".join(sys.argv[1:] if argv is None else argv),
+           "lr": args.lr, "types": list(args.types), "command": "python -m scripts.train_proxy " + " ".join(sys.argv[1:] if argv is None else argv),
            "previous_stage": previous}
     (args.out / "train_log.json").write_text(json.dumps(log, indent=2))
 
