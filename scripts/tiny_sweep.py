@@ -52,12 +52,16 @@ DEFAULT_RATIOS = "0.5"
 class StubJudge(http.server.BaseHTTPRequestHandler):
     """An OpenAI-compatible chat endpoint standing in for a judge: answer-extraction prompts
     (MathVista, MathVision) get the model's response back verbatim, MIA-Bench grading prompts a fixed
-    grade (5/10), anything else (VLMEvalKit's liveness check) "Hello"."""
+    grade (5/10), anything else (VLMEvalKit's liveness check) "Hello". Every prompt it answered is
+    kept in ``prompts`` (the tests read them)."""
+
+    prompts: list[str] = []
 
     def do_POST(self) -> None:  # noqa: N802 - http.server API
         payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         content = payload["messages"][-1]["content"]
         text = content if isinstance(content, str) else "\n".join(c.get("text", "") for c in content)
+        type(self).prompts.append(text)
         if "Extracted answer:" in text:
             answer = text.rsplit("Model respone: ", 1)[-1].rsplit("Extracted answer:", 1)[0].strip()
         elif "You need to grade" in text:

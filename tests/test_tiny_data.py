@@ -26,6 +26,7 @@ import tv_compat  # noqa: E402
 tv_compat.ensure_torchvision()
 
 import tiny_data  # noqa: E402
+from scripts.tiny_sweep import StubJudge as _StubJudge  # noqa: E402  (a local stand-in for a judge)
 
 # Written out independently of tiny_data: the categories vlmeval's MME_rating sums.
 OFFICIAL_MME_CATEGORIES = {
@@ -246,37 +247,6 @@ def test_judge_notes(caplog, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # End to end: vlmeval.run.main() on every tiny dataset, in this process
 # ---------------------------------------------------------------------------------------------
-
-class _StubJudge(http.server.BaseHTTPRequestHandler):
-    """A local OpenAI-compatible chat endpoint standing in for a user-configured judge.
-
-    Answer extraction prompts (MathVista / MathVision) get the model response back verbatim;
-    MIA-Bench grading prompts get a fixed grade; anything else (the "hello" liveness check) "Hello".
-    """
-
-    prompts: list = []
-
-    def do_POST(self):  # noqa: N802 - http.server API
-        payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        content = payload["messages"][-1]["content"]
-        text = "\n".join(c["text"] for c in content if c["type"] == "text")
-        type(self).prompts.append(text)
-        if "Extracted answer:" in text:
-            answer = text.rsplit("Model respone: ", 1)[1].rsplit("Extracted answer:", 1)[0].strip()
-        elif "You need to grade" in text:
-            answer = "score of component 1: 1/2, total score: 5/10. Stub grade."
-        else:
-            answer = "Hello"
-        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
 
 def _oracle_answers(lmu):
     """dataset -> {index: the answer a perfect model gives}, read from the TSVs."""
