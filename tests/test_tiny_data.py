@@ -294,6 +294,7 @@ def runs(tmp_path_factory):
     def no_download(*args, **kwargs):
         raise AssertionError(f"vlmeval tried to download {args}")
 
+    _StubJudge.prompts.clear()  # the class is shared with scripts.tiny_sweep (other tests' sweeps)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubJudge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     records = []
