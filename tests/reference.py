@@ -13,12 +13,15 @@ import torch
 
 
 @torch.no_grad()
-def reference_logits(family, model, inputs: dict, ids: torch.Tensor, drops: dict[int, list[int]]) -> torch.Tensor:
+def reference_logits(family, model, inputs: dict, ids: torch.Tensor, drops: dict[int, list[int]],
+                     trim: tuple[int, set[int], int] | None = None) -> torch.Tensor:
     """Logits ``[L_alive, V]`` of the last layer for the full token sequence ``ids`` ``[1, L]``.
 
     ``drops[layer]`` lists the visual positions (indices into the original prompt) that survive
     from ``layer`` on; non-visual tokens always survive. ``family`` supplies ``embed`` and
-    ``positions`` for the model family.
+    ``positions`` for the model family. ``trim = (from_layer, final, n_prompt)`` models a KV cache
+    trimmed after the prefill: from ``from_layer`` on, the tokens after the prompt (decoded ones)
+    see only the visual positions in ``final``.
     """
     text = model.model.language_model
     hidden = family.embed(model, inputs, ids)  # [1, L, D]
@@ -32,8 +35,13 @@ def reference_logits(family, model, inputs: dict, ids: torch.Tensor, drops: dict
             hidden, alive = hidden[:, sel], alive[sel]
         cos, sin = text.rotary_emb(hidden, pos[..., alive])
         mask = None  # sdpa: its own causal flag
-        if text.config._attn_implementation == "eager":  # eager applies no causality by itself
-            n = hidden.shape[1]
+        n = hidden.shape[1]
+        if trim is not None and i >= trim[0]:
+            _, final, n_prompt = trim
+            gone = torch.tensor([bool(visual[p]) and p not in final for p in alive.tolist()])
+            blocked = torch.ones(n, n, dtype=torch.bool).triu(1) | (alive >= n_prompt)[:, None] & gone[None, :]
+            mask = torch.zeros(n, n).masked_fill(blocked, torch.finfo(hidden.dtype).min)[None, None]
+        elif text.config._attn_implementation == "eager":  # eager applies no causality by itself
             mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
         hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None)
     return model.lm_head(text.norm(hidden))[0], alive

@@ -8,6 +8,7 @@ import torch
 
 import methods
 from families import ATOL, FAMILIES, cfg
+from reference import reference_logits
 from methods.mustdrop import (
     THRESHOLDS,
     mustdrop_filter,
@@ -99,30 +100,11 @@ def test_keep_ratio_selects_the_published_thresholds():
     assert c.args_for("mustdrop") == {"global_thr": 0.5, "individual_thr": 0.01}
 
 
-@torch.no_grad()
 def _reference(ref, model, inputs, ids, drops, final, trim_from, n_prompt) -> torch.Tensor:
     """Logits of the UNPATCHED model without cache on ``ids``: the prompt's visual tokens leave at
-    the layers of ``drops`` (as in ``tests/reference.py``); from layer ``trim_from`` on, the
-    tokens after the prompt (decoded ones) see only the ``final`` visual tokens (the trimmed cache)."""
-    text = model.model.language_model
-    hidden = ref.embed(model, inputs, ids)
-    pos = ref.positions(model, inputs, ids)
-    visual = ref.visual_mask(model, ids)
-    alive = torch.arange(ids.shape[1])
-    for i, layer in enumerate(text.layers):
-        if i in drops:
-            keep = set(drops[i])
-            sel = torch.tensor([j for j, p in enumerate(alive.tolist()) if not visual[p] or p in keep])
-            hidden, alive = hidden[:, sel], alive[sel]
-        cos, sin = text.rotary_emb(hidden, pos[..., alive])
-        n = hidden.shape[1]
-        blocked = torch.ones(n, n, dtype=torch.bool).triu(1)
-        if i >= trim_from:
-            gone = torch.tensor([bool(visual[p]) and p not in final for p in alive.tolist()])
-            blocked |= (alive >= n_prompt)[:, None] & gone[None, :]
-        mask = torch.zeros(n, n).masked_fill(blocked, torch.finfo(hidden.dtype).min)[None, None]
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None)
-    return model.lm_head(text.norm(hidden))[0]
+    the layers of ``drops``; from layer ``trim_from`` on, the tokens after the prompt (decoded ones)
+    see only the ``final`` visual tokens (the trimmed cache)."""
+    return reference_logits(ref, model, inputs, ids, drops, trim=(trim_from, final, n_prompt))[0]
 
 
 # The tiny random models attend almost uniformly, so a global threshold of exactly 1/N (N tokens an
