@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--families", nargs="+", default=[f for f, *_ in FAMILIES], choices=[f for f, *_ in FAMILIES])
     parser.add_argument("--checkpoints", type=Path, default=CHECKPOINTS)
     args = parser.parse_args(argv)
+    if args.scenes < 1:
+        parser.error("--scenes must be >= 1")
     out = args.out.resolve()
     shutil.rmtree(out / "work", ignore_errors=True)
     t0 = time.perf_counter()

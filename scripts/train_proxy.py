@@ -17,10 +17,11 @@ seeds disjoint from the held-out ones):
   a pretrained vision encoder; without it only the global question is learnt in this budget
   (../shared/PROXY_NOTES.md).
 
-AdamW (lr 2e-3, betas 0.9/0.98), 30 warm-up steps, cosine decay to 0.1x, batch 32. At the end
+AdamW (lr 2e-3, betas 0.9/0.98), 30 warm-up steps, cosine decay to 0.1x, batch 32 by default (the shipped checkpoints: 24). At the end
 it prints the held-out accuracy per question type (first answer token, greedy) of the weights as
 saved (fp16 safetensors; the harness loads them in fp32 on CPU) and writes ``train_log.json``.
-Train offline, never in CI: about 20 minutes a model on 2 CPU cores.
+Train offline, never in CI: the shipped checkpoints took 2-4 stages of 1-25 minutes each on 2
+shared CPU cores (the README's table has every stage's command and result).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import tv_compat  # noqa: E402
 
 tv_compat.ensure_torchvision()
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
@@ -209,8 +211,8 @@ def training_batch(processor, seeds: list[int], rng: random.Random, types: tuple
         texts.append(chat_text(processor, [(q.prompt(), q.target) for q in qs]))
     inputs = processor(text=texts, images=[P.as_evaluated(P.render(s)) for s in scenes], padding=True,
                        return_tensors="pt")
-    targets = {k: torch.from_numpy(__import__("numpy").stack([P.token_labels(s)[k] for s in scenes]).reshape(-1))
-               for k in ("shape", "color", "glyph", "background")}
+    labels = [P.token_labels(s) for s in scenes]
+    targets = {k: torch.from_numpy(np.stack([lab[k] for lab in labels]).reshape(-1)) for k in labels[0]}
     return inputs, targets
 
 
@@ -253,10 +255,11 @@ def heldout_accuracy(model, processor, n: int = 256, seed: int = 0, batch: int =
         chunk = scenes[start : start + batch]
         if on_batch is not None:
             on_batch(chunk)
+        asked = [P.questions(s) for s in chunk]
+        images = [P.as_evaluated(P.render(s)) for s in chunk]  # once per scene, for all five types
         for t in P.TYPES:
-            qs = [P.questions(s)[t] for s in chunk]
+            qs = [q[t] for q in asked]
             texts = [chat_text(processor, [(q.prompt(), None)]) for q in qs]
-            images = [P.as_evaluated(P.render(s)) for s in chunk]
             inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
             logits = model(**inputs).logits
             last = inputs["attention_mask"].sum(1) - 1  # right padding
@@ -268,6 +271,29 @@ def heldout_accuracy(model, processor, n: int = 256, seed: int = 0, batch: int =
 
 
 # ----------------------------------------------------------------------------- training
+SEEDS_PER_RUN = 1_000_000  # training scene seeds: seed * 1e6 + [0, 5e5) for a first stage, + [5e5, 1e6) after
+FIRST_STAGE_SCENES = 500_000
+
+
+def scene_seeds(seed: int, later_stage: bool, step: int, batch: int) -> list[int]:
+    """The scene seeds of one training step. A first stage draws from ``seed * 1e6 + [0, 5e5)``,
+    every later stage (``--init``) from ``seed * 1e6 + [5e5, 1e6)`` (so later stages share one
+    stream, distinct from the first stage's); none reaches the held-out seeds."""
+    first = seed * SEEDS_PER_RUN + (FIRST_STAGE_SCENES if later_stage else 0)
+    return [first + step * batch + i for i in range(batch)]
+
+
+def check_budget(seed: int, steps: int, batch: int) -> None:
+    """Refuse a run whose scene seeds would leave its range (and reach another seed's scenes or the
+    held-out ones): ``0 <= seed``, ``seed * 1e6 + 1e6 <= EVAL_SEED_BASE``, ``steps * batch <= 5e5``."""
+    if not 0 <= seed < P.EVAL_SEED_BASE // SEEDS_PER_RUN:
+        raise ValueError(f"--seed {seed}: use 0..{P.EVAL_SEED_BASE // SEEDS_PER_RUN - 1} (higher seeds would train on "
+                         "the held-out scenes)")
+    if steps < 1 or batch < 1 or steps * batch > FIRST_STAGE_SCENES:
+        raise ValueError(f"--steps {steps} x --batch {batch}: both must be >= 1 and their product at most "
+                         f"{FIRST_STAGE_SCENES} (the scenes of one seed's stage); split the run into stages with --init")
+
+
 FAMILY_MODULES = {"qwen": "custom_qwenvl", "internvl": "custom_internvl", "llava": "custom_llava"}
 
 
@@ -282,8 +308,9 @@ def load(family: str, path: Path):
 
 def train(family: str, steps: int, seed: int = 0, batch: int = 32, lr: float = 2e-3, warmup: int = 30,
           log_every: int = 25, eval_every: int = 200, init: Path | None = None, types: tuple[str, ...] = P.TYPES):
-    """``steps`` AdamW steps from a fresh model (``init=None``) or from a saved checkpoint (a
-    second stage: fresh optimiser, schedule and auxiliary heads; scenes from a disjoint seed range)."""
+    """``steps`` AdamW steps from a fresh model (``init=None``) or from a saved checkpoint (a later
+    stage: fresh optimiser, schedule and auxiliary heads; scenes from :func:`scene_seeds`)."""
+    check_budget(seed, steps, batch)
     with torch.enable_grad():  # whatever the caller's grad mode (VLMEvalKit's inference switches it off)
         return _train(family, steps, seed, batch, lr, warmup, log_every, eval_every, init, types)
 
@@ -306,10 +333,7 @@ def _train(family, steps, seed, batch, lr, warmup, log_every, eval_every, init, 
     rng = random.Random(f"order:{seed}")
     t0 = time.time()
     for step in range(steps):
-        first = seed * 1_000_000 + (500_000 if init is not None else 0)  # a second stage sees new scenes
-        seeds = [first + step * batch + i for i in range(batch)]
-        assert seeds[-1] < P.EVAL_SEED_BASE
-        inputs, targets = training_batch(processor, seeds, rng, types)
+        inputs, targets = training_batch(processor, scene_seeds(seed, init is not None, step, batch), rng, types)
         labels = answer_labels(inputs["input_ids"], marker, stops)
         logits = model(**inputs).logits
         lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
@@ -349,6 +373,14 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-n", type=int, default=512, help="held-out scenes for the final accuracy")
     args = ap.parse_args(argv)
+    try:
+        check_budget(args.seed, args.steps, args.batch)
+    except ValueError as err:
+        ap.error(str(err))
+    if args.init is not None and not (args.init / "train_log.json").exists():
+        ap.error(f"--init {args.init}: no proxy checkpoint there (no train_log.json); give a folder this script wrote")
+    if args.eval_n < 1:
+        ap.error("--eval-n must be >= 1")
     torch.set_num_threads(args.threads)
     previous = json.loads((args.init / "train_log.json").read_text()) if args.init else None
     model, processor, minutes = train(args.family, args.steps, args.seed, batch=args.batch, lr=args.lr, init=args.init,

@@ -23,6 +23,29 @@ def test_answer_labels_cover_each_answer_and_its_end_token_only():
     assert torch.equal(labels, expected)
 
 
+def test_training_scenes_never_reach_the_held_out_ones_and_bad_budgets_are_refused():
+    top = P.EVAL_SEED_BASE // T.SEEDS_PER_RUN - 1  # the highest seed allowed
+    steps, batch = T.FIRST_STAGE_SCENES // 25, 25  # the largest stage allowed
+    T.check_budget(top, steps, batch)
+    assert T.scene_seeds(top, True, steps - 1, batch)[-1] == P.EVAL_SEED_BASE - 1 < P.eval_scenes(1)[0].seed
+    assert T.scene_seeds(0, False, steps - 1, batch)[-1] < T.scene_seeds(0, True, 0, batch)[0]  # stages apart
+    assert T.scene_seeds(1, False, 0, batch)[0] > T.scene_seeds(0, True, steps - 1, batch)[-1]  # seeds apart
+    for bad, fix in (((top + 1, 10, 2), "--seed"), ((-1, 10, 2), "--seed"), ((0, steps + 1, batch), "--init"),
+                     ((0, 0, 2), "--steps")):
+        with pytest.raises(ValueError, match=fix):
+            T.check_budget(*bad)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "10"], "held-out"), (["--steps", "0"], "must be >= 1"), (["--init", "/nonexistent"], "no proxy checkpoint"),
+    (["--eval-n", "0"], "--eval-n"),
+])
+def test_bad_arguments_stop_with_the_fix(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        T.main(["--family", "llava", "--out", str(tmp_path), *argv])
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("family", sorted(T.BUILDERS))
 def test_a_short_run_writes_a_checkpoint_the_harness_loads(family, tmp_path):
     out = tmp_path / family
