@@ -166,6 +166,22 @@ def greedy(model, inputs, n=NEW_TOKENS):
 
 
 @torch.no_grad()
+def check_pruned_decode(module, ref, model, inputs, prefill_logits=None) -> None:
+    """Greedy-decode the patched ``model``, then check that run (its trace's drops, every step, and
+    ``prefill_logits`` when given) against the unpatched reference; the model is re-patched with
+    no configuration afterwards."""
+    from reference import drops_from_trace
+
+    seq, steps = greedy(model, inputs)
+    drops = drops_from_trace(model.prune_trace)
+    module.unpatch(model)
+    try:
+        check_against_reference(ref, model, inputs, seq, steps, drops, prefill_logits)
+    finally:
+        module.patch(model)
+
+
+@torch.no_grad()
 def check_against_reference(ref, model, inputs, seq, steps, drops, prefill_logits=None) -> None:
     """The UNPATCHED ``model``'s reference (``tests/reference.py``) against a pruned run.
 

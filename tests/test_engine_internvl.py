@@ -14,8 +14,8 @@ import torch
 import custom_internvl
 import methods
 import tiny_models as tm
-from families import cfg, check_against_reference, greedy, spy_on
-from reference import InternVLRef, drops_from_trace
+from families import cfg, check_pruned_decode, spy_on
+from reference import InternVLRef
 
 PER_TILE = tm.INTERNVL_TOKENS_PER_TILE  # 16
 FAMILY = custom_internvl.FAMILY
@@ -85,13 +85,7 @@ def test_tiles_of_one_image_share_one_budget(model, patched, monkeypatch):
     kept = set(event.kept)
     per_tile = [sum(p in kept for p in image[t * PER_TILE : (t + 1) * PER_TILE]) for t in range(4)]
     assert per_tile == [16, 8, 0, 8]  # image 0: crop, crop, thumbnail (last); image 1: its only tile
-    seq, steps = greedy(model, inputs)
-    drops = drops_from_trace(model.prune_trace)
-    custom_internvl.unpatch(model)
-    try:
-        check_against_reference(InternVLRef, model, inputs, seq, steps, drops, prefill)
-    finally:
-        custom_internvl.patch(model)
+    check_pruned_decode(custom_internvl, InternVLRef, model, inputs, prefill)
 
 
 @torch.no_grad()
@@ -108,13 +102,7 @@ def test_thumbnail_only_selection_is_exact(model, patched, monkeypatch):
     prefill = model(**inputs).logits[0]
     pre, intra = model.prune_trace
     assert pre.kept == image[24:] and intra.kept == image[36:]  # crop 1's second half + thumbnail; thumbnail only
-    seq, steps = greedy(model, inputs)
-    drops = drops_from_trace(model.prune_trace)
-    custom_internvl.unpatch(model)
-    try:
-        check_against_reference(InternVLRef, model, inputs, seq, steps, drops, prefill)
-    finally:
-        custom_internvl.patch(model)
+    check_pruned_decode(custom_internvl, InternVLRef, model, inputs, prefill)
 
 
 @torch.no_grad()

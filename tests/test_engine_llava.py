@@ -13,8 +13,8 @@ import torch
 import custom_llava
 import methods
 import tiny_models as tm
-from families import cfg, check_against_reference, greedy, spy_on
-from reference import LlavaRef, drops_from_trace
+from families import cfg, check_pruned_decode, spy_on
+from reference import LlavaRef
 
 FAMILY = custom_llava.FAMILY
 
@@ -53,7 +53,4 @@ def test_full_strategy_keeps_cls_and_is_exact(monkeypatch):
     pre, intra = model.prune_trace
     assert [(c.n_orig, c.grid) for c in seen] == [(17, None), (17, None)]
     assert pre.images == [(17, 9), (17, 9)] and intra.images == [(9, 4), (9, 4)]
-    seq, steps = greedy(model, inputs)
-    drops = drops_from_trace(model.prune_trace)
-    custom_llava.unpatch(model)
-    check_against_reference(LlavaRef, model, inputs, seq, steps, drops, prefill)
+    check_pruned_decode(custom_llava, LlavaRef, model, inputs, prefill)
