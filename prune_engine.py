@@ -34,9 +34,9 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
-import tv_compat
+from utils import ensure_torchvision
 
-tv_compat.ensure_torchvision()  # before transformers imports torchvision
+ensure_torchvision()  # before transformers imports torchvision
 
 import torch
 from torch import nn

@@ -27,9 +27,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
 
-import tv_compat
+from utils import ensure_torchvision
 
-tv_compat.ensure_torchvision()
+ensure_torchvision()
 
 import torch  # noqa: E402
 
@@ -207,8 +207,8 @@ def register_local_datasets() -> list[str]:
     """Register the datasets this project writes itself with vlmeval: the tiny copies of the paper's
     ten (``<NAME>_tiny``) and the proxy suite (``Proxy_MCQ``, ...). Every process that runs
     VLMEvalKit calls it (the runners, the one-load sweep)."""
-    import proxy_data
-    import tiny_data
+    from synthetic import proxy_data
+    from synthetic import tiny_data
 
     return tiny_data.register_tiny_datasets() + proxy_data.register_datasets()
 
@@ -225,7 +225,7 @@ def main(family: ModuleType, argv: Sequence[str] | None = None) -> None:
     if "--model" not in argv:
         raise SystemExit("--model is required (a model name, or a checkpoint folder)")
 
-    import tiny_data
+    from synthetic import tiny_data
     import vlmeval.config
     import vlmeval.run
 

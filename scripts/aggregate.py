@@ -52,9 +52,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import tv_compat  # noqa: E402
+from utils import ensure_torchvision  # noqa: E402
 
-tv_compat.ensure_torchvision()  # before anything imports transformers (CPU torch + PyPI torchvision)
+ensure_torchvision()  # before anything imports transformers (CPU torch + PyPI torchvision)
 
 from scripts import _common  # noqa: E402
 

@@ -1,6 +1,6 @@
 """The embedded demo (``make demo``): trained proxy models, no download, a few minutes on two cores.
 
-Runs the shipped proxy checkpoints (``proxy_checkpoints/``: tiny models of the three families'
+Runs the shipped proxy checkpoints (``synthetic/proxy_checkpoints/``: tiny models of the three families'
 real architectures trained on the synthetic suite by ``scripts/train_proxy.py``) on the held-out
 synthetic suite (``proxy_data``: Proxy_MCQ, Proxy_POPE, Proxy_OCRBench in VLMEvalKit's real
 formats), vanilla and a handful of methods at the paper's kept ratios 0.333 / 0.222 / 0.111, as a
@@ -31,11 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import proxy_data  # noqa: E402
+from synthetic import proxy_data  # noqa: E402
 
 logger = logging.getLogger("demo")
 
-CHECKPOINTS = ROOT / "proxy_checkpoints"
+CHECKPOINTS = ROOT / "synthetic" / "proxy_checkpoints"
 # (family label, sweep.sh family, shipped checkpoint folder)
 FAMILIES: list[tuple[str, str, str]] = [
     ("qwen2.5-vl", "qwen", "qwen2_5_vl"),

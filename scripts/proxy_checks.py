@@ -23,14 +23,14 @@ from typing import Callable, Iterator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import tv_compat  # noqa: E402
+from utils import ensure_torchvision  # noqa: E402
 
-tv_compat.ensure_torchvision()
+ensure_torchvision()
 
 import torch  # noqa: E402
 
 import methods  # noqa: E402
-import proxy_data as P  # noqa: E402
+from synthetic import proxy_data as P  # noqa: E402
 from scripts.train_proxy import heldout_accuracy, load  # noqa: E402
 from utils import PruneConfig  # noqa: E402
 
@@ -48,7 +48,7 @@ def load_proxy(folder: str):
     from scripts.train_proxy import FAMILY_MODULES
 
     family = CHECKPOINTS[folder]
-    model, processor = load(family, ROOT / "proxy_checkpoints" / folder)
+    model, processor = load(family, ROOT / "synthetic" / "proxy_checkpoints" / folder)
     module = importlib.import_module(FAMILY_MODULES[family])
     module.patch(model)
     return module, model, processor

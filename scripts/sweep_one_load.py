@@ -34,9 +34,9 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import tv_compat  # noqa: E402
+from utils import ensure_torchvision  # noqa: E402
 
-tv_compat.ensure_torchvision()
+ensure_torchvision()
 
 from scripts import _common  # noqa: E402
 
@@ -138,7 +138,7 @@ class Group:
         """One cell in this process: register the configuration's adapter around the loaded model and
         call VLMEvalKit (raises on a configuration the model refuses)."""
         import prune_engine
-        import tiny_data
+        from synthetic import tiny_data
         import vlm_adapter
         import vlmeval.run
         from scripts.cell_name import parse_env

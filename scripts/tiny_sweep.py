@@ -33,11 +33,11 @@ from typing import Any, Iterator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import tv_compat  # noqa: E402
+from utils import ensure_torchvision  # noqa: E402
 
-tv_compat.ensure_torchvision()
+ensure_torchvision()
 
-import tiny_data  # noqa: E402
+from synthetic import tiny_data  # noqa: E402
 
 logger = logging.getLogger("tiny_sweep")
 
@@ -94,7 +94,7 @@ def stub_judge() -> Iterator[str]:
 
 def prepare(out: Path, families: list[str], checkpoints: dict[str, Path] | None = None) -> dict[str, Path]:
     """Write the twelve tiny TSVs (``<out>/lmu``) and the missing tiny checkpoints; ``{family: path}``."""
-    import tiny_checkpoints
+    from synthetic import tiny_checkpoints
 
     for name in tiny_data.TINY_DATASETS:
         tiny_data.write_tiny(name, out / "lmu", n=1)

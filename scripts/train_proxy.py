@@ -1,8 +1,8 @@
 """Train a proxy checkpoint: a tiny model of one family's real architecture on the synthetic suite.
 
-    python -m scripts.train_proxy --family qwen --out proxy_checkpoints/qwen2_5_vl
-    python -m scripts.train_proxy --family internvl --out proxy_checkpoints/internvl3
-    python -m scripts.train_proxy --family llava --out proxy_checkpoints/llava1_5
+    python -m scripts.train_proxy --family qwen --out synthetic/proxy_checkpoints/qwen2_5_vl
+    python -m scripts.train_proxy --family internvl --out synthetic/proxy_checkpoints/internvl3
+    python -m scripts.train_proxy --family llava --out synthetic/proxy_checkpoints/llava1_5
 
 The model is the family's transformers class at tiny width (text: hidden 128, 3 layers; vision:
 hidden 64 (Qwen, InternVL: 256 patches) or 128 (LLaVA: 64 patches), 2-3 layers), 64 visual tokens from a 224-px image, with a word-level tokenizer built
@@ -37,17 +37,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tv_compat  # noqa: E402
+from utils import ensure_torchvision  # noqa: E402
 
-tv_compat.ensure_torchvision()
+ensure_torchvision()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-import proxy_data as P  # noqa: E402
-import tiny_checkpoints as TC  # noqa: E402
+from synthetic import proxy_data as P  # noqa: E402
+from synthetic import tiny_checkpoints as TC  # noqa: E402
 
 logger = logging.getLogger("train_proxy")
 

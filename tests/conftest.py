@@ -5,7 +5,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import tv_compat  # noqa: E402
+from utils import ensure_torchvision  # noqa: E402
 
-tv_compat.ensure_torchvision()
+ensure_torchvision()
 logging.getLogger("transformers").setLevel(logging.ERROR)

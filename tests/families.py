@@ -24,7 +24,7 @@ from torch import nn
 import custom_internvl
 import custom_llava
 import custom_qwenvl
-import tiny_models as tm
+from synthetic import tiny_models as tm
 from reference import InternVLRef, LlavaRef, QwenRef, reference_logits
 from utils import PruneConfig
 

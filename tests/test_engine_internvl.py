@@ -13,7 +13,7 @@ import torch
 
 import custom_internvl
 import methods
-import tiny_models as tm
+from synthetic import tiny_models as tm
 from families import cfg, check_pruned_decode, spy_on
 from reference import InternVLRef
 

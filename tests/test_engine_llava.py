@@ -12,7 +12,7 @@ import torch
 
 import custom_llava
 import methods
-import tiny_models as tm
+from synthetic import tiny_models as tm
 from families import cfg, check_pruned_decode, spy_on
 from reference import LlavaRef
 

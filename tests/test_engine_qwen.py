@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import custom_qwenvl
-import tiny_models as tm
+from synthetic import tiny_models as tm
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ def test_flops_model_is_the_originals_for_llama_7b():
 
 
 def test_calibration_produces_a_runnable_schedule(tmp_path):
-    import tiny_checkpoints
-    import tiny_data
+    from synthetic import tiny_checkpoints
+    from synthetic import tiny_data
 
     ckpt = tiny_checkpoints.save_tiny_qwen(tmp_path / "ckpt")
     tsv = tiny_data.write_mme_tiny(tmp_path, n_per_category=1)

@@ -664,7 +664,7 @@ def test_fitprune_bisection_with_a_stub():
 @torch.no_grad()
 def test_registered_methods_run_in_the_engine(env):
     import custom_qwenvl
-    import tiny_models as tm
+    from synthetic import tiny_models as tm
     from utils import PruneConfig
 
     model = custom_qwenvl.patch(tm.tiny_qwen(), PruneConfig.from_env(env))

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-import proxy_data as P
+from synthetic import proxy_data as P
 
 
 def test_scenes_are_reproducible_and_follow_the_rules():

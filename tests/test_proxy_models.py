@@ -1,4 +1,4 @@
-"""What the shipped proxy checkpoints (``proxy_checkpoints/``, trained by scripts/train_proxy.py)
+"""What the shipped proxy checkpoints (``synthetic/proxy_checkpoints/``, trained by scripts/train_proxy.py)
 show, loaded through the harness's own ``from_pretrained`` path and pruned by the engine. The
 measurements are ``scripts/proxy_checks.py``'s (``python -m scripts.proxy_checks`` prints them).
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-import proxy_data as P
+from synthetic import proxy_data as P
 from scripts import proxy_checks as C
 
 

@@ -82,7 +82,7 @@ def test_every_registered_method_is_documented():
 def test_a_dropped_in_file_is_the_whole_job(tmp_path):
     """A new file in methods/ registers itself and runs through the engine with no other edit."""
     import custom_qwenvl
-    import tiny_models as tm
+    from synthetic import tiny_models as tm
     from utils import PruneConfig
 
     path = METHODS_DIR / "zz_dropin_probe.py"

@@ -22,8 +22,8 @@ from PIL import Image
 import custom_internvl
 import custom_llava
 import custom_qwenvl
-import tiny_checkpoints
-import tiny_data
+from synthetic import tiny_checkpoints
+from synthetic import tiny_data
 from utils import PruneConfig
 
 ROOT = Path(__file__).resolve().parents[1]

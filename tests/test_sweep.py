@@ -28,8 +28,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import tiny_checkpoints
-import tiny_data
+from synthetic import tiny_checkpoints
+from synthetic import tiny_data
 from scripts import _common, aggregate, plots
 from utils import PruneConfig
 

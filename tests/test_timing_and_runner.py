@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import custom_qwenvl
-import tiny_models as tm
+from synthetic import tiny_models as tm
 from utils import PruneConfig, Stopwatch, TimingSink, append_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,8 +97,8 @@ def _run(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Complete
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    import tiny_checkpoints
-    import tiny_data
+    from synthetic import tiny_checkpoints
+    from synthetic import tiny_data
 
     root = tmp_path_factory.mktemp("runner")
     tiny_checkpoints.save_tiny_qwen(root / "tiny-qwen")

@@ -21,11 +21,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tv_compat  # noqa: E402
+from utils import ensure_torchvision  # noqa: E402
 
-tv_compat.ensure_torchvision()
+ensure_torchvision()
 
-import tiny_data  # noqa: E402
+from synthetic import tiny_data  # noqa: E402
 from scripts.tiny_sweep import StubJudge as _StubJudge  # noqa: E402  (a local stand-in for a judge)
 
 # Written out independently of tiny_data: the categories vlmeval's MME_rating sums.
@@ -239,7 +239,7 @@ def test_judge_notes(caplog, monkeypatch):
     assert "yes/no" in tiny_data.judge_note("POPE", "exact_matching")[1]
     assert "no judge" in tiny_data.judge_note("OCRBench_tiny", None)[1]
     assert tiny_data.judge_note("TextVQA_VAL", None) is None
-    with caplog.at_level(logging.INFO, logger="tiny_data"):
+    with caplog.at_level(logging.INFO, logger="synthetic.tiny_data"):
         tiny_data.log_judge_notes(["MathVision_MINI", "MME"], None)
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]
 
@@ -300,7 +300,7 @@ def runs(tmp_path_factory):
     records = []
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
-    tiny_logger = logging.getLogger("tiny_data")
+    tiny_logger = logging.getLogger("synthetic.tiny_data")
     old_level = tiny_logger.level
     tiny_logger.setLevel(logging.INFO)
     tiny_logger.addHandler(handler)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import proxy_data as P
+from synthetic import proxy_data as P
 from scripts import train_proxy as T
 
 

@@ -57,8 +57,8 @@ def test_pick_layer_is_the_first_mean_under_eta():
 def test_find_k_script_on_a_tiny_checkpoint(tmp_path):
     import json
 
-    import tiny_checkpoints
-    import tiny_data
+    from synthetic import tiny_checkpoints
+    from synthetic import tiny_data
     from scripts.vtw_find_k import main
 
     ckpt = tiny_checkpoints.save_tiny_qwen(tmp_path / "ckpt")

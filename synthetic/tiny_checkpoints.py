@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import tv_compat
+from utils import ensure_torchvision
 
-tv_compat.ensure_torchvision()
+ensure_torchvision()
 
-import tiny_models  # noqa: E402
+from synthetic import tiny_models  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -299,7 +299,7 @@ def write_datasets(root: Path, n: int = 60, seed: int = 0) -> dict[str, Path]:
 def register_datasets() -> list[str]:
     """Register the proxy datasets with vlmeval (idempotent): after this ``--data Proxy_MCQ`` reads
     ``$LMUData/Proxy_MCQ.tsv`` without md5 check or download."""
-    import tiny_data
+    from synthetic import tiny_data
 
     return tiny_data.register_local_datasets({name: cls for name, (cls, _) in DATASETS.items()})
 

@@ -986,12 +986,9 @@ def register_tiny_datasets() -> list[str]:
 def register_local_datasets(classes: dict[str, str]) -> list[str]:
     """Register datasets read from ``$LMUData/<name>.tsv`` with vlmeval (idempotent), each scored by
     the vlmeval class named in ``classes`` (``{name: class name}``, e.g. ``"ImageMCQDataset"``)."""
-    try:
-        from tv_compat import ensure_torchvision
-    except ImportError:  # pragma: no cover - tv_compat is a sibling module of this file
-        logger.warning("tv_compat not importable; importing vlmeval may fail on a CPU-only torch")
-    else:
-        ensure_torchvision()
+    from utils import ensure_torchvision
+
+    ensure_torchvision()
     import vlmeval.dataset as vdataset
 
     for name, class_name in classes.items():

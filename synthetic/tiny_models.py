@@ -6,9 +6,9 @@ every code path of the harness runs on them in milliseconds; their answers are n
 
 from __future__ import annotations
 
-import tv_compat
+from utils import ensure_torchvision
 
-tv_compat.ensure_torchvision()  # before transformers imports torchvision
+ensure_torchvision()  # before transformers imports torchvision
 
 import torch
 
