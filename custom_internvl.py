@@ -39,6 +39,13 @@ real model; ``ctx.token_index = tile * side**2 + row * side + col``, row-major w
 
 Pre-LLM pruning acts on the projector's output as it enters the decoder (the ``[N, D]`` rows of
 ``inputs_embeds`` at the context tokens).
+
+VLMEvalKit protocol (:mod:`vlm_adapter`): ``InternVLChat`` (version V2.0) runs as is: its custom
+prompts, ``set_max_num`` / ``load_image`` tiling and ``reorganize_prompt``, its generation keywords.
+It calls the ORIGINAL checkpoint's remote-code ``model.chat(...)``, which the HF-native class
+lacks: :class:`InternVLChatShim` does what that method does (template ``internvl2_5`` with its
+system message, ``<image>`` -> ``<img>`` + ``<IMG_CONTEXT>`` x 256 x tiles + ``</img>``, the
+``<|im_end|>`` stop, decoding) on the HF-native model.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from torch import nn
 import prune_engine
 from transformers import InternVLForConditionalGeneration as MODEL_CLASS  # noqa: N812 (after prune_engine: CPU torchvision fix)
 from utils import PruneConfig, TimingSink
+from vlm_adapter import LoadedModel, ModelShim
 
 # The names users type (VLMEvalKit's) -> Hugging Face checkpoints (the HF-native "-hf" conversions;
 # none was found for VLMEvalKit's InternVL3-9B, whose decoder is InternLM3).
@@ -62,6 +70,87 @@ CHECKPOINTS = {
     "InternVL3-38B": "OpenGVLab/InternVL3-38B-hf",
     "InternVL3-78B": "OpenGVLab/InternVL3-78B-hf",
 }
+
+
+# The VLMEvalKit model whose protocol a checkpoint folder gets unless --vlmeval-model says otherwise.
+VLMEVAL_DEFAULT = "InternVL3-8B"
+
+# The conversation template of InternVL3's remote code (``config.template == "internvl2_5"`` in
+# every InternVL3 checkpoint; OpenGVLab/InternVL internvl_chat/internvl/conversation.py): ChatML
+# turns after this system message, which ``InternVLChatModel`` uses unless its config sets
+# ``system_message``.
+INTERNVL2_5_SYSTEM_MESSAGE = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+
+
+class InternVLChatShim(ModelShim):
+    """The original InternVL3 model's ``chat`` (remote code, ``modeling_internvl_chat.py``), which
+    VLMEvalKit's ``InternVLChat.generate_v2`` calls, on the HF-native model.
+
+    As the original: a question without ``<image>`` gets ``<image>\n`` in front when there are pixel
+    values; the prompt is ``<|im_start|>system\n{system_message}<|im_end|>\n<|im_start|>user\n
+    {question}<|im_end|>\n<|im_start|>assistant\n``; each ``<image>`` in turn becomes ``<img>`` +
+    ``<IMG_CONTEXT>`` x (tokens a tile x that image's tiles) + ``</img>``; generation stops at
+    ``<|im_end|>``; the answer is the new tokens decoded without special tokens, cut at
+    ``<|im_end|>``, stripped. The HF-native model embeds the same tiles the same way (the
+    conversion only renames weights); its ``generate`` returns the prompt too, which is dropped."""
+
+    system_message = INTERNVL2_5_SYSTEM_MESSAGE
+
+    @property
+    def num_image_token(self) -> int:
+        cfg = self.config
+        size, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
+        side = (size[0] if isinstance(size, (list, tuple)) else size) // (patch[0] if isinstance(patch, (list, tuple)) else patch)
+        return int(side * side * cfg.downsample_ratio**2)
+
+    def chat(
+        self, tokenizer: Any, pixel_values: torch.Tensor | None, question: str, generation_config: dict[str, Any],
+        history: Any = None, return_history: bool = False, num_patches_list: list[int] | None = None,
+        IMG_START_TOKEN: str = "<img>", IMG_END_TOKEN: str = "</img>", IMG_CONTEXT_TOKEN: str = "<IMG_CONTEXT>",  # noqa: N803
+        verbose: bool = False,
+    ) -> Any:
+        if history:
+            raise NotImplementedError("multi-turn chat is not part of the pruning protocol")
+        if pixel_values is not None and "<image>" not in question:
+            question = "<image>\n" + question
+        if num_patches_list is None:
+            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
+        if pixel_values is not None and len(pixel_values) != sum(num_patches_list):
+            raise ValueError(f"{len(pixel_values)} tiles but num_patches_list sums to {sum(num_patches_list)}")
+        sep = "<|im_end|>"
+        query = (f"<|im_start|>system\n{self.system_message}{sep}\n<|im_start|>user\n{question}{sep}\n"
+                 "<|im_start|>assistant\n")
+        for n in num_patches_list:
+            query = query.replace("<image>", IMG_START_TOKEN + IMG_CONTEXT_TOKEN * self.num_image_token * n + IMG_END_TOKEN, 1)
+        inputs = tokenizer(query, return_tensors="pt")
+        image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        if image_token_id != self.config.image_token_id:
+            raise ValueError(f"{IMG_CONTEXT_TOKEN} is token {image_token_id} but the model's image_token_id is {self.config.image_token_id}")
+        config = {**generation_config, "eos_token_id": tokenizer.convert_tokens_to_ids(sep)}
+        input_ids = inputs["input_ids"].to(self.device)
+        out = self.call_model(input_ids=input_ids, attention_mask=inputs["attention_mask"].to(self.device),
+                              pixel_values=None if pixel_values is None else pixel_values.to(self.device), **config)
+        response = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)[0]
+        response = response.split(sep)[0].strip()
+        return (response, [(question, response)]) if return_history else response
+
+
+def vlmeval_shim(loaded: LoadedModel) -> ModelShim:
+    return InternVLChatShim(loaded)
+
+
+def vlmeval_loaders(loaded: LoadedModel, shim: ModelShim) -> list[tuple[Any, str, Any]]:
+    """What ``InternVLChat.__init__`` loads (vlmeval 26.3, vlm/internvl/internvl_chat.py), answered
+    with what we loaded: the tokenizer (``AutoTokenizer``, slow in VLMEvalKit; the same vocabulary)
+    and the model (``AutoModel`` with remote code; ``.eval().cuda()`` on the shim)."""
+    import vlmeval.vlm.internvl.internvl_chat as wrapper
+
+    return [
+        (wrapper.AutoTokenizer, "from_pretrained", lambda *a, **k: loaded.processor.tokenizer),
+        (wrapper.AutoModel, "from_pretrained", lambda *a, **k: shim),
+    ]
 
 
 def image_runs(is_image: torch.Tensor) -> list[int]:

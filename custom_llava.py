@@ -20,6 +20,13 @@ engine treats each run of image tokens as one image. Each image keeps ``budget(5
 
 ViT-internal merges (``methods.ViTMerge``, MustDrop's window merge) are wired here only
 (:meth:`LlavaFamily.install_vit_merge`): the later CLIP layers run on the merged sequence.
+
+VLMEvalKit protocol (:mod:`vlm_adapter`): ``LLaVA`` (``llava_v1.5_7b``) runs as is with the
+original LLaVA package (PyPI ``llava-torch``): its Vicuna system prompt and ``USER: ... ASSISTANT:``
+frame, its multiple-choice prompt, ``process_images`` with ``image_aspect_ratio="pad"`` (padded to a
+square with the mean colour), ``tokenizer_image_token`` (one ``IMAGE_TOKEN_INDEX`` per image), the
+``</s>`` keyword stop and its generation keywords. :class:`LlavaOriginalShim` turns the original
+model's ``generate(input_ids, images=...)`` into the HF-native call.
 """
 
 from __future__ import annotations
@@ -32,11 +39,65 @@ from torch import nn
 import prune_engine
 from transformers import LlavaForConditionalGeneration as MODEL_CLASS  # noqa: N812 (after prune_engine: CPU torchvision fix)
 from utils import PruneConfig, TimingSink
+from vlm_adapter import LoadedModel, ModelShim
 
 # The names users type (VLMEvalKit's) -> Hugging Face checkpoints.
 CHECKPOINTS = {
     "llava_v1.5_7b": "llava-hf/llava-1.5-7b-hf",
 }
+
+
+# The VLMEvalKit model whose protocol a checkpoint folder gets unless --vlmeval-model says otherwise.
+VLMEVAL_DEFAULT = "llava_v1.5_7b"
+
+
+class LlavaOriginalShim(ModelShim):
+    """The original LLaVA model's ``generate(input_ids, images=..., **kwargs)``, which VLMEvalKit's
+    ``LLaVA.generate_inner`` calls, on the HF-native ``LlavaForConditionalGeneration``.
+
+    The original inserts an image's CLIP features (``(H / patch) * (W / patch)`` tokens, CLS dropped)
+    where ``input_ids`` holds ``IMAGE_TOKEN_INDEX``, and generates from embeddings, so it returns the
+    new tokens only. Here each ``IMAGE_TOKEN_INDEX`` becomes that many ``config.image_token_id``
+    tokens (the HF-native model embeds the same features at the same places), and the prompt part of
+    the output is dropped."""
+
+    def generate(self, input_ids: torch.Tensor, images: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        from llava.constants import IMAGE_TOKEN_INDEX
+
+        if input_ids.shape[0] != 1:
+            raise ValueError("one prompt at a time")
+        ids = input_ids[0].to(self.device)
+        where = torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten()
+        n_images = 0 if images is None else images.shape[0]
+        if where.numel() != n_images:
+            raise ValueError(f"{where.numel()} image tokens in the prompt for {n_images} images")
+        if n_images:
+            patch = self.config.vision_config.patch_size
+            per_image = (images.shape[-2] // patch) * (images.shape[-1] // patch)
+            if self.config.vision_feature_select_strategy != "default":
+                per_image += 1  # "full" keeps CLS
+            # Each marker becomes per_image image tokens: repeat it, then rename.
+            repeats = torch.ones_like(ids)
+            repeats[where] = per_image
+            ids = ids.repeat_interleave(repeats)
+            ids[ids == IMAGE_TOKEN_INDEX] = self.config.image_token_id
+        ids = ids[None]
+        out = self.call_model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=images, **kwargs)
+        return out[:, ids.shape[1] :]
+
+
+def vlmeval_shim(loaded: LoadedModel) -> ModelShim:
+    return LlavaOriginalShim(loaded)
+
+
+def vlmeval_loaders(loaded: LoadedModel, shim: ModelShim) -> list[tuple[Any, str, Any]]:
+    """What ``LLaVA.__init__`` loads (vlmeval 26.3, vlm/llava/llava.py): the original package's
+    ``load_pretrained_model`` -> (tokenizer, model, image processor, context length), answered with
+    what we loaded (``.cuda()`` on the shim)."""
+    import llava.model.builder as builder
+
+    return [(builder, "load_pretrained_model",
+             lambda *a, **k: (loaded.processor.tokenizer, shim, loaded.processor.image_processor, 2048))]
 
 
 class LlavaFamily(prune_engine.Family):

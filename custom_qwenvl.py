@@ -9,6 +9,10 @@ What this family contributes (everything else is :mod:`prune_engine`):
 Pre-LLM pruning acts on the vision merger's output as it enters the decoder (the merged
 ``[N, D]`` visual tokens are exactly the image rows of ``inputs_embeds``); video tokens are never
 pruned.
+
+VLMEvalKit protocol (:mod:`vlm_adapter`): ``Qwen2VLChat`` runs as is (its prompts, its
+``qwen_vl_utils`` resizing with the config's ``min_pixels`` / ``max_pixels``, its generation
+keywords); our model answers its ``generate(**inputs, **generate_kwargs)`` unchanged.
 """
 
 from __future__ import annotations
@@ -21,12 +25,35 @@ from torch import nn
 import prune_engine
 from transformers import Qwen2_5_VLForConditionalGeneration as MODEL_CLASS  # noqa: N812 (after prune_engine: CPU torchvision fix)
 from utils import PruneConfig, TimingSink
+from vlm_adapter import LoadedModel, ModelShim
 
 # The names users type (VLMEvalKit's) -> Hugging Face checkpoints.
 CHECKPOINTS = {
     "Qwen2.5-VL-3B-Instruct": "Qwen/Qwen2.5-VL-3B-Instruct",
     "Qwen2.5-VL-7B-Instruct": "Qwen/Qwen2.5-VL-7B-Instruct",
 }
+
+
+# The VLMEvalKit model whose protocol a checkpoint folder gets unless --vlmeval-model says otherwise.
+VLMEVAL_DEFAULT = "Qwen2.5-VL-7B-Instruct"
+
+
+def vlmeval_shim(loaded: LoadedModel) -> ModelShim:
+    return ModelShim(loaded)  # HF-native on both sides: generate passes through
+
+
+def vlmeval_loaders(loaded: LoadedModel, shim: ModelShim) -> list[tuple[Any, str, Any]]:
+    """What ``Qwen2VLChat.__init__`` loads (vlmeval 26.3, vlm/qwen2_vl/model.py), answered with
+    what we loaded: its processor, its model (``.cuda().eval()`` on the shim), and the GPU-memory
+    probe it asserts on."""
+    import transformers
+    import vlmeval.vlm.qwen2_vl.model as wrapper
+
+    return [
+        (transformers.AutoProcessor, "from_pretrained", lambda *a, **k: loaded.processor),
+        (transformers.Qwen2_5_VLForConditionalGeneration, "from_pretrained", lambda *a, **k: shim),
+        (wrapper, "get_gpu_memory", lambda *a, **k: [1]),
+    ]
 
 
 class QwenVLFamily(prune_engine.Family):

@@ -100,7 +100,9 @@ class Configuration:
 
 
 def display_name(name: str, cfg: dict[str, Any]) -> str:
-    """The ``--model`` display name: the folder name without ``__<PruneConfig tag>``."""
+    """The model a configuration belongs to: the folder name without ``__<PruneConfig tag>`` (or
+    ``__vanilla``), i.e. ``--model``'s display name with its protocol tag, if any
+    (``vlm_adapter.model_name``): configurations of one model under one protocol share a table."""
     try:
         from utils import LayerSpec, PruneConfig
 
@@ -108,10 +110,10 @@ def display_name(name: str, cfg: dict[str, Any]) -> str:
             pre_method=cfg.get("pre_method"), keep_ratio=cfg.get("keep_ratio"),
             intra=tuple(LayerSpec(**s) for s in cfg.get("intra") or []),
             method_args=cfg.get("method_args") or {}, seed=int(cfg.get("seed", 0)),
-        ).tag()
+        ).tag() or "vanilla"
     except Exception:  # a config this version cannot rebuild: fall back to the first separator
         return name.split("__", 1)[0]
-    return name[: -len(tag) - 2] if tag and name.endswith("__" + tag) else name
+    return name[: -len(tag) - 2] if name.endswith("__" + tag) else name
 
 
 # ----------------------------------------------------------------------------- model config: FLOPs, KV cache

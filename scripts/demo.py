@@ -56,7 +56,8 @@ def sweep(out: Path, ckpts: dict[str, Path], lmu: Path) -> None:
            "--work-dir", str(out / "work"), "--python", sys.executable, "--one-load"]
     for family, path in ckpts.items():
         cmd += ["--model", f"{family} {path}"]
-    cmd += ["--", "--judge", "exact_matching", "--max-new-tokens", "4"]
+    # The proxy models were trained on their own chat template (64 tokens an image): that protocol, not VLMEvalKit's.
+    cmd += ["--", "--judge", "exact_matching", "--protocol", "chat_template", "--max-new-tokens", "4"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEP_", "PRUNE_", "INTRA_LLM", "MMEVAL_ROOT"))}
     env.update(LMUData=str(lmu), PYTHONPATH=str(ROOT), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     logger.info("%s", " ".join(cmd))

@@ -47,7 +47,8 @@
 #                      -- --judge exact_matching --max-new-tokens 8; a bare -- passes none)
 #
 # Skipping and resuming: a cell is done when VLMEvalKit's score file for <model name>/<dataset>
-# exists (the model name is <model>__<PruneConfig tag>, computed by `python -m scripts.cell_name`);
+# exists (the model name is <model>[__<protocol tag>]__<PruneConfig tag or vanilla>, computed by
+# `python -m scripts.cell_name` from the cell and the runner flags);
 # done cells are skipped. Before an unfinished cell runs, `cell_name resume` carries its saved
 # predictions into the prediction root VLMEvalKit will use (VLMEvalKit alone resumes only the same
 # day and commit; see scripts/_common.py:carry_forward), so only the missing samples are recomputed.
@@ -195,7 +196,7 @@ for entry in "${MODELS[@]}"; do
         done
     done
 done
-plan=$(printf '%s' "$cells" | helper plan --work-dir "$WORK") || die "the plan failed (see the message above)"
+plan=$(printf '%s' "$cells" | helper plan --work-dir "$WORK" -- ${RUNNER_ARGS[@]+"${RUNNER_ARGS[@]}"}) || die "the plan failed (see the message above)"
 
 # Group the plan's lines by model name (in plan order); a group runs its datasets one after another.
 declare -a group_names=() group_lines=()

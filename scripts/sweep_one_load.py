@@ -105,12 +105,11 @@ class Group:
         self.family = importlib.import_module(RUNNER_FAMILY[runner])
         self.display, self.checkpoint = vlm_adapter.resolve_checkpoint(self.family, model, None if path == "-" else path)
         args = list(runner_args)
-        self.max_new_tokens = int(vlm_adapter._pop_flag(args, "--max-new-tokens") or 128)
-        self.device = vlm_adapter._pop_flag(args, "--device")
-        self.dtype = vlm_adapter._pop_flag(args, "--dtype") or "auto"
-        for flag in ("--work-dir", "--model-path"):
-            if vlm_adapter._pop_flag(args, flag) is not None:
-                raise SystemExit(f"sweep_one_load: {flag} is set by the sweep, not in the runner flags")
+        self.options = vlm_adapter.RunOptions.pop_from(args)
+        if self.options.model_path is not None or vlm_adapter._pop_flag(args, "--work-dir") is not None:
+            raise SystemExit("sweep_one_load: --work-dir and --model-path are set by the sweep, not in the runner flags")
+        self.protocol = vlm_adapter.resolve_protocol(self.family, self.display, self.options)
+        self.runner_args = list(runner_args)  # for the ledger: what the shell path would pass
         self.vlmeval_args = args
         self.loaded = None
 
@@ -118,8 +117,8 @@ class Group:
         import vlm_adapter
 
         if self.loaded is None:
-            device = vlm_adapter.pick_device(self.device)
-            model, processor = vlm_adapter.load_pretrained(self.family, self.checkpoint, device, self.dtype)
+            device = vlm_adapter.pick_device(self.options.device)
+            model, processor = vlm_adapter.load_pretrained(self.family, self.checkpoint, device, self.options.dtype)
             self.family.patch(model)  # no configuration: each cell brings its own
             self.loaded = vlm_adapter.LoadedModel(model, processor, device)
             logger.info("loaded %s once for its cells", self.checkpoint)
@@ -130,9 +129,7 @@ class Group:
         timing = " METHOD_TIME=1 PREFILL_TIME=1" if self.timing else ""
         model_path = f" --model-path {self.path}" if self.path != "-" else ""
         return (f"[one load] export{(' ' + env) if env else ''}{timing}; python {ROOT / self.runner} --model {self.model}"
-                f"{model_path} --data {data} --work-dir {work} " + " ".join(
-                    [f"--max-new-tokens {self.max_new_tokens}", *([f"--device {self.device}"] if self.device else []),
-                     f"--dtype {self.dtype}", *self.vlmeval_args]))
+                f"{model_path} --data {data} --work-dir {work} " + " ".join(self.runner_args))
 
     def run_cell(self, work: Path, name: str, data: str, env_text: str) -> None:
         """One cell in this process: register the configuration's adapter around the loaded model and
@@ -150,8 +147,7 @@ class Group:
         config = PruneConfig.from_env(env)
         loaded = self.load()
         registered, sink = vlm_adapter.register(
-            self.family, self.display, self.checkpoint, config, work, Path.cwd(), loaded=loaded,
-            max_new_tokens=self.max_new_tokens, device=self.device, dtype=self.dtype,
+            self.family, self.display, self.checkpoint, config, self.protocol, self.options, work, Path.cwd(), loaded=loaded,
         )
         if registered != name:
             raise RuntimeError(f"the plan's model name {name} is not the runner's {registered}")

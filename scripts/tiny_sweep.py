@@ -118,7 +118,7 @@ def sweep(out: Path, ckpts: dict[str, Path], datasets: list[str], methods: str, 
 
 def run(out: Path, families: list[str] = list(FAMILIES), methods: str = DEFAULT_METHODS, ratios: str = DEFAULT_RATIOS,
         checkpoints: dict[str, Path] | None = None, python: str = sys.executable, one_load: bool = True,
-        max_new_tokens: int = 2, warmup: int = 1) -> dict[str, Any]:
+        max_new_tokens: int = 2, warmup: int = 1, protocol: str = "vlmeval") -> dict[str, Any]:
     """Prepare, sweep (exact-matching datasets, then the judged ones), aggregate and plot.
 
     Returns ``{"checkpoints", "sweeps": [CompletedProcess, CompletedProcess], "report": aggregate's
@@ -132,7 +132,7 @@ def run(out: Path, families: list[str] = list(FAMILIES), methods: str = DEFAULT_
             if not k.startswith(("KEEP_", "PRUNE_", "INTRA_LLM", "MMEVAL_ROOT")) and k not in tiny_data.JUDGE_ENV_VARS}
     base.update(LMUData=str(out / "lmu"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS=base.get("OMP_NUM_THREADS", "1"))
     flags = ["--one-load"] if one_load else []
-    common = ["--max-new-tokens", str(max_new_tokens)]
+    common = ["--protocol", protocol, "--max-new-tokens", str(max_new_tokens)]
     procs = [sweep(out, ckpts, EXACT, methods, ratios, ["--judge", "exact_matching", *common], base, python, flags)]
     with stub_judge() as url:
         judge_env = {**base, "OPENAI_API_KEY": "sk-tiny-sweep-stub", "OPENAI_API_BASE": url, "NO_PROXY": "127.0.0.1"}
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", action="append", default=[], metavar="FAMILY=PATH",
                         help="use this checkpoint folder for FAMILY instead of a random tiny one (e.g. a trained proxy)")
     parser.add_argument("--warmup", type=int, default=1, help="aggregate --warmup (default 1: the datasets are tiny)")
+    parser.add_argument("--protocol", choices=("vlmeval", "chat_template"), default="vlmeval",
+                        help="the runners' --protocol (default: VLMEvalKit's wrapper of each family's reference model)")
     args = parser.parse_args(argv)
     ckpts = {}
     for item in args.checkpoint:
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--checkpoint {item!r}: expected FAMILY=PATH with FAMILY in {', '.join(FAMILIES)}")
         ckpts[family] = Path(path).resolve()
     result = run(args.out, args.families, args.methods, args.ratios, checkpoints=ckpts, one_load=not args.per_cell,
-                 warmup=args.warmup)
+                 warmup=args.warmup, protocol=args.protocol)
     for proc in result["sweeps"]:
         sys.stdout.write(proc.stdout)
     print(result["work"] / "_report" / "report.md")

@@ -99,7 +99,7 @@ def build_qwen(seed: int):
     px = P.IMAGE_PX * P.IMAGE_PX
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=px, max_pixels=px),
                                     tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                                    chat_template=TC.QWEN_CHAT_TEMPLATE)
+                                    chat_template=TC.QWEN_MINIMAL_CHAT_TEMPLATE)
     return model, processor
 
 
@@ -153,7 +153,7 @@ def build_llava(seed: int):
         image_processor=CLIPImageProcessor(size={"shortest_edge": P.IMAGE_PX},
                                            crop_size={"height": P.IMAGE_PX, "width": P.IMAGE_PX}),
         tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=TC.LLAVA_CHAT_TEMPLATE,
+        chat_template=TC.LLAVA_BOS_CHAT_TEMPLATE,
     )
     return model, processor
 

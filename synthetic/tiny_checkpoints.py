@@ -30,14 +30,38 @@ QWEN_SPECIALS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
 ]
 
-# Our own minimal template in Qwen2.5-VL's chat format (system prompt omitted).
+# Qwen2.5-VL's chat template as the Qwen/Qwen2.5-VL-*-Instruct processors ship it (the default
+# system turn "You are a helpful assistant.", vision placeholders for {"type": "image"} items and
+# for VLMEvalKit's {"type": "image", "image": ...} items, optional "Picture n:" ids).
 QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# The minimal template the proxy models were trained on (Qwen2.5-VL's ChatML turns, no system turn:
+# their word-level tokenizer only knows the suite's words).
+QWEN_MINIMAL_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+# Qwen2.5-VL's image processor limits (the real preprocessor_config.json): VLMEvalKit resizes
+# first (qwen_vl_utils, min_pixels=1280*28*28), and the processor leaves such an image alone.
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 56 * 56, 28 * 28 * 16384
 
 
 def build_tokenizer(specials: list[str], vocab_size: int = 400):
@@ -69,8 +93,10 @@ def _random_model(model_cls, cfg, tok, seed: int, *, stop, pad: int, **text_ids:
     return model
 
 
-def save_tiny_qwen(path: str | Path, seed: int = 0, image_pixels: int = 112 * 112) -> Path:
-    """Save a tiny Qwen2.5-VL checkpoint (a 112-px image gives 8x8 patches, 16 visual tokens)."""
+def save_tiny_qwen(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny Qwen2.5-VL checkpoint with the real processor's chat template and pixel limits
+    (a 112-px image gives 8x8 patches, 16 visual tokens; VLMEvalKit's protocol upscales it to at
+    least 1280 tokens first)."""
     from transformers import (
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
@@ -91,7 +117,7 @@ def save_tiny_qwen(path: str | Path, seed: int = 0, image_pixels: int = 112 * 11
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"],
     )
     processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=image_pixels, max_pixels=image_pixels),
+        image_processor=Qwen2VLImageProcessor(min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS),
         tokenizer=tok,
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=QWEN_CHAT_TEMPLATE,
@@ -112,6 +138,8 @@ INTERNVL_NAMED_TOKENS = {
     "video_token": "<video>",
 }
 
+INTERNVL_CKPT_TILE_PX, INTERNVL_CKPT_PATCH = 448, 56  # 8x8 patches, pixel-shuffled to 16 tokens a tile
+
 # Our own minimal template in InternVL3's chat format (ChatML; system prompt omitted). Each image is
 # written as one <IMG_CONTEXT>, which InternVLProcessor expands to <img> + context x (tokens a tile x
 # tiles) + </img>.
@@ -125,8 +153,9 @@ INTERNVL_CHAT_TEMPLATE = (
 )
 
 
-def save_tiny_internvl(path: str | Path, seed: int = 0, max_tiles: int = 4) -> Path:
-    """Save a tiny InternVL3 (HF-native) checkpoint: 112-px tiles of 16 visual tokens each.
+def save_tiny_internvl(path: str | Path, seed: int = 0, max_tiles: int = 12) -> Path:
+    """Save a tiny InternVL3 (HF-native) checkpoint: the real 448-px tiles (56-px patches, so 16
+    visual tokens a tile instead of 256).
 
     The image processor tiles as the real one does (``crop_to_patches``, closest aspect-ratio grid of
     at most ``max_tiles`` crops, plus a thumbnail when there is more than one crop): a 112x112 image
@@ -150,14 +179,14 @@ def save_tiny_internvl(path: str | Path, seed: int = 0, max_tiles: int = 4) -> P
         extra_special_tokens=INTERNVL_NAMED_TOKENS,
     )
     ids = {t: tok.convert_tokens_to_ids(t) for t in INTERNVL_SPECIALS}
-    cfg = tiny_models.tiny_internvl_config()
+    cfg = tiny_models.tiny_internvl_config(tile_px=INTERNVL_CKPT_TILE_PX, patch=INTERNVL_CKPT_PATCH)
     cfg.image_token_id = ids["<IMG_CONTEXT>"]
     model = _random_model(
         InternVLForConditionalGeneration, cfg, tok, seed,
         stop=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad=ids["<|endoftext|>"],
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )
-    tile = {"height": tiny_models.INTERNVL_TILE_PX, "width": tiny_models.INTERNVL_TILE_PX}
+    tile = {"height": INTERNVL_CKPT_TILE_PX, "width": INTERNVL_CKPT_TILE_PX}
     processor = InternVLProcessor(
         image_processor=GotOcr2ImageProcessor(
             size=tile, crop_to_patches=True, min_patches=1, max_patches=max_tiles,
@@ -165,7 +194,7 @@ def save_tiny_internvl(path: str | Path, seed: int = 0, max_tiles: int = 4) -> P
         ),
         tokenizer=tok,
         video_processor=InternVLVideoProcessor(size=tile),
-        image_seq_length=tiny_models.INTERNVL_TOKENS_PER_TILE,
+        image_seq_length=cfg.image_seq_length,
         chat_template=INTERNVL_CHAT_TEMPLATE,
     )
     model.save_pretrained(path)
@@ -178,15 +207,18 @@ def save_tiny_internvl(path: str | Path, seed: int = 0, max_tiles: int = 4) -> P
 LLAVA_SPECIALS = ["</s>", "<s>", "<unk>", "<image>"]
 
 # Our own minimal template in LLaVA-1.5's chat format ("USER: <image>\n... ASSISTANT:"; the vicuna
-# system prompt omitted), images and text in message order.
+# system prompt omitted), images and text in message order. The tokenizer adds <s> itself, as
+# LLaMA's does.
 LLAVA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{ message['role'].upper() }}: "
+    "{% for message in messages %}{{ message['role'].upper() }}: "
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %} "
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+# The same with <s> written by the template, for tokenizers that do not add it (the proxy models').
+LLAVA_BOS_CHAT_TEMPLATE = "{{ bos_token }}" + LLAVA_CHAT_TEMPLATE
 
 
 def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
@@ -196,6 +228,7 @@ def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
     crop, CLIP normalisation; ``patch_size``, ``vision_feature_select_strategy="default"`` and one
     additional CLS token), at the tiny image size.
     """
+    from tokenizers import processors
     from transformers import (
         CLIPImageProcessor,
         LlavaForConditionalGeneration,
@@ -206,8 +239,14 @@ def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
 
     path = Path(path)
     base = build_tokenizer(LLAVA_SPECIALS)
+    backend = base.backend_tokenizer
+    # LLaMA's tokenizer puts <s> in front of every encoded text (the original LLaVA's
+    # tokenizer_image_token relies on it: it strips the <s> of every chunk but the first).
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+    )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=base.backend_tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
     )
     ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
     cfg = tiny_models.tiny_llava_config()

@@ -459,22 +459,24 @@ def _true_and_false_value(attr: str, scene: dict, rng: random.Random) -> tuple[s
     raise ValueError(attr)
 
 
-def _render(scene: dict, text: str, size: int) -> Image.Image:
-    """Dots of one colour on one side of a plain background, ``text`` written at the bottom."""
-    img = Image.new("RGB", (size, size), _BACKGROUNDS[scene["background"]])
+def _render(scene: dict, text: str, size: int | tuple[int, int]) -> Image.Image:
+    """Dots of one colour on one side of a plain background, ``text`` written at the bottom;
+    ``size`` is a square's side or ``(width, height)``."""
+    w, h = (size, size) if isinstance(size, int) else size
+    img = Image.new("RGB", (w, h), _BACKGROUNDS[scene["background"]])
     draw = ImageDraw.Draw(img)
-    r = max(2, size // 16)
-    x0 = size // 4 if scene["side"] == "left" else 3 * size // 4
+    r = max(2, min(w, h) // 16)
+    x0 = w // 4 if scene["side"] == "left" else 3 * w // 4
     for k in range(scene["count"]):
-        y = int(size * (0.15 + 0.2 * k))
+        y = int(h * (0.15 + 0.2 * k))
         draw.ellipse((x0 - r, y - r, x0 + r, y + r), fill=_DOT_COLORS[scene["color"]])
     if text:
         ink = (0, 0, 0) if scene["background"] != "black" else (255, 255, 255)
-        draw.text((2, size - 14), text, fill=ink)
+        draw.text((2, h - 14), text, fill=ink)
     return img
 
 
-def _draw(scene: dict, caption: str, size: int) -> Image.Image:
+def _draw(scene: dict, caption: str, size: int | tuple[int, int]) -> Image.Image:
     text = {"none": "", "word": scene["word"], "expr": f"{scene['a']}+{scene['b']}=?",
             "code": f"print({scene['a']}+{scene['b']})"}[caption]
     return _render(scene, text, size)
@@ -876,12 +878,15 @@ def _spec(name: str) -> TinySpec:
     return spec
 
 
-def write_tiny(name: str, root: Path, n: int | None = None, seed: int = 0, image_size: int = 112) -> Path:
+def write_tiny(
+    name: str, root: Path, n: int | None = None, seed: int = 0, image_size: int | tuple[int, int] = 112
+) -> Path:
     """Write ``<root>/<REAL_NAME>_tiny.tsv`` and return its path (``root`` plays ``$LMUData``).
 
     ``name`` is the tiny or the real name (``'POPE_tiny'`` or ``'POPE'``); ``n`` scales the size
     (its meaning per dataset is ``TINY_DATASETS[name].n_means``; default ``default_n``). Images are
-    ``image_size`` square PNGs drawn with PIL; the file is a deterministic function of the
+    PNGs drawn with PIL, ``image_size`` a square's side or ``(width, height)`` (realistic sizes and
+    aspect ratios for protocol tests); the file is a deterministic function of the
     arguments. vlmeval's decoded-image cache of that dataset (``<root>/images/<name>``) is removed,
     since vlmeval never rewrites a cached image and would pair new rows with old images.
     """

@@ -113,9 +113,13 @@ INTERNVL_SIDE = int(INTERNVL_TILE_PX // INTERNVL_PATCH * INTERNVL_DOWNSAMPLE)  #
 INTERNVL_TOKENS_PER_TILE = INTERNVL_SIDE**2  # 16 (the real model: 256)
 
 
-def tiny_internvl_config(layers: int = 4, kv_heads: int = 2, attn: str = "sdpa"):
+def tiny_internvl_config(
+    layers: int = 4, kv_heads: int = 2, attn: str = "sdpa", tile_px: int = INTERNVL_TILE_PX, patch: int = INTERNVL_PATCH
+):
     """An ``InternVLConfig`` with a Qwen2 decoder (hidden 64, GQA) and a 2-layer InternViT on
-    112-px tiles (8x8 patches, pixel-shuffled to 4x4 = 16 tokens a tile)."""
+    112-px tiles (8x8 patches, pixel-shuffled to 4x4 = 16 tokens a tile). The saved checkpoint
+    takes the real 448-px tiles with 56-px patches (the same 16 tokens a tile), because VLMEvalKit's
+    ``load_image`` always cuts 448-px tiles."""
     from transformers import InternVLConfig
 
     cfg = InternVLConfig(
@@ -125,11 +129,11 @@ def tiny_internvl_config(layers: int = 4, kv_heads: int = 2, attn: str = "sdpa")
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=2,
-            image_size=INTERNVL_TILE_PX,
-            patch_size=INTERNVL_PATCH,
+            image_size=tile_px,
+            patch_size=patch,
         ),
         image_token_id=IMAGE_ID,
-        image_seq_length=INTERNVL_TOKENS_PER_TILE,
+        image_seq_length=int(tile_px // patch * INTERNVL_DOWNSAMPLE) ** 2,
         downsample_ratio=INTERNVL_DOWNSAMPLE,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",

@@ -1,8 +1,11 @@
 """The three families' runners and tiny checkpoints, end to end.
 
 * Each ``run_*.py`` evaluates its family's tiny checkpoint on ``MME_tiny`` (one image per
-  category: 28 samples) through VLMEvalKit with one pruning configuration, and writes the score
-  file and ``prune_records.jsonl`` with the expected kept counts. The three runs are started
+  category: 28 samples) through VLMEvalKit with one pruning configuration and the default protocol
+  (VLMEvalKit's wrapper of the family's reference model), and writes the score file,
+  ``prune_config.json`` and ``prune_records.jsonl`` with the protocol and the expected visual-token
+  counts (Qwen2.5-VL: a 112-px image upscaled to min_pixels=1280*28*28, 36 x 36 = 1296 tokens;
+  InternVL3: one 448-px tile; LLaVA: the padded square) and kept counts. The three runs are started
   together (one torch thread each, separate data and work folders) to keep the file cheap.
 * Each tiny checkpoint loads through ``vlm_adapter.load_pretrained`` (the real-checkpoint path)
   and the unchanged ``generate_inner`` answers a message with one image path and a text.
@@ -24,6 +27,7 @@ import custom_llava
 import custom_qwenvl
 from synthetic import tiny_checkpoints
 from synthetic import tiny_data
+from methods import budget
 from utils import PruneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +43,10 @@ FAMILIES = {
 # tiny family -> 4 kept before the decoder -> 2 from layer 2 on.
 ENV = {"KEEP_RATIO": "0.25", "PRUNE_METHOD_PRE_LLM": "divprune_pre_llm",
        "INTRA_LLM_LAYER_SPECS": "2:fastv_intra_llm:0.125", "PREFILL_TIME": "1"}
-TAG = PruneConfig.from_env(ENV).tag()
+CONFIG = PruneConfig.from_env(ENV)
 N_SAMPLES = 28  # 14 categories x 1 image x 2 questions
+N_VISUAL = {"qwen2_5_vl": 1296, "internvl3": 16, "llava": 16}  # an MME_tiny image (112 px) under VLMEvalKit's protocol
+REFERENCE = {"qwen2_5_vl": "Qwen2.5-VL-7B-Instruct", "internvl3": "InternVL3-8B", "llava": "llava_v1.5_7b"}
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +81,26 @@ def test_runner_end_to_end_on_the_tiny_checkpoint(family, runs, checkpoints):
     folder, proc = runs[family]
     log = (folder / "run.log").read_text()
     assert proc.returncode == 0, log[-3000:]
-    name = f"{checkpoints[family].name}__{TAG}"
+    import vlm_adapter
+
+    protocol = vlm_adapter.Protocol("vlmeval", REFERENCE[family], 2)
+    name = vlm_adapter.model_name(checkpoints[family].name, CONFIG, protocol)
+    assert name == f"{checkpoints[family].name}__vlmeval-{REFERENCE[family]}__mnt2__{CONFIG.tag()}"
     out = folder / "work" / name
     assert (out / f"{name}_MME_tiny_score.csv").exists(), (sorted(p.name for p in out.iterdir()), log[-3000:])
-    assert json.loads((out / "prune_config.json").read_text())["pre_method"] == "divprune_pre_llm"
+    saved = json.loads((out / "prune_config.json").read_text())
+    assert saved["pre_method"] == "divprune_pre_llm"
+    assert saved["protocol"] == {"name": "vlmeval", "reference": REFERENCE[family], "max_new_tokens": 2}
     records = [json.loads(line) for line in (out / "prune_records.jsonl").read_text().splitlines()]
     assert len(records) == N_SAMPLES
+    n = N_VISUAL[family]
+    pre, intra = budget(n, 0.25), budget(n, 0.125)
     for r in records:
-        assert (r["n_visual"], r["n_visual_final"]) == (16, 2)
+        assert r["protocol"] == f"vlmeval:{REFERENCE[family]}+mnt2"
+        assert [s["n"] for s in r["image_spans"]] == [n]  # visual tokens per image before pruning
+        assert (r["n_visual"], r["n_visual_final"]) == (n, intra)
         assert [(e["stage"], e["layer"], e["n_in"], e["n_keep"]) for e in r["events"]] == [
-            ("pre_llm", None, 16, 4), ("intra_llm", 2, 4, 2)
+            ("pre_llm", None, n, pre), ("intra_llm", 2, pre, intra)
         ]
     assert len((folder / "prefill_times.txt").read_text().splitlines()) == N_SAMPLES
 
@@ -111,24 +127,25 @@ def images(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-def _adapter(family: str, checkpoints, env: dict[str, str] | None = None):
+def _adapter(family: str, checkpoints, env: dict[str, str] | None = None, protocol: str = "chat_template"):
     import vlm_adapter
 
     _, module, _ = FAMILIES[family]
-    cls = vlm_adapter.make_adapter_class()
-    return cls(family=module, model_path=str(checkpoints[family]), config=PruneConfig.from_env(env or {}),
-               max_new_tokens=3, device="cpu")
+    options = vlm_adapter.RunOptions(max_new_tokens=3, device="cpu", protocol=protocol)
+    return vlm_adapter.build_model(module, str(checkpoints[family]), PruneConfig.from_env(env or {}),
+                                   vlm_adapter.resolve_protocol(module, checkpoints[family].name, options), options)
 
 
+@pytest.mark.parametrize("protocol", ["vlmeval", "chat_template"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_saved_checkpoint_loads_and_generate_inner_answers(family, checkpoints, images):
+def test_saved_checkpoint_loads_and_generate_inner_answers(family, protocol, checkpoints, images):
     import vlm_adapter
 
     _, module, _ = FAMILIES[family]
     model, processor = vlm_adapter.load_pretrained(module, str(checkpoints[family]), vlm_adapter.pick_device("cpu"))
     assert isinstance(model, module.MODEL_CLASS)
     assert processor.chat_template
-    adapter = _adapter(family, checkpoints)
+    adapter = _adapter(family, checkpoints, protocol=protocol)
     message = [{"type": "image", "value": images["square"]}, {"type": "text", "value": "Is there a red square? Please answer yes or no."}]
     answer = adapter.generate_inner(message, dataset="MME_tiny")
     assert isinstance(answer, str)

@@ -42,9 +42,19 @@ RATIOS = ("0.5", "0.25")
 SEEDS = ("0", "1")
 
 
+# The sweep's mechanics are the subject here: the cheap protocol (the checkpoint's chat template,
+# 16 tokens an image) rather than VLMEvalKit's (1296), which tests/test_runners.py runs.
+RUNNER_ARGS = ("--protocol", "chat_template", "--max-new-tokens", "2")
+PROTOCOL_TAG = "chat-template__mnt2"
+
+
+def _model(ckpt: Path) -> str:
+    """The report's model: the checkpoint under the sweep's protocol."""
+    return f"{ckpt.name}__{PROTOCOL_TAG}"
+
+
 def _name(ckpt: Path, env: dict[str, str]) -> str:
-    tag = PruneConfig.from_env(env).tag()
-    return f"{ckpt.name}__{tag}" if tag else ckpt.name
+    return f"{_model(ckpt)}__{PruneConfig.from_env(env).tag() or 'vanilla'}"
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +76,7 @@ def setup(tmp_path_factory) -> dict:
     cmd = ["bash", str(SWEEP), "--model", f"qwen {ckpt}", "--methods", METHODS, "--ratios", " ".join(RATIOS),
            "--seeds", " ".join(SEEDS), "--datasets", DATA, "--work-dir", str(root / "work"), "--python", str(wrapper)]
     return {"root": root, "ckpt": ckpt, "work": root / "work", "env": env, "cmd": cmd, "names": names,
-            "calls": root / "calls.log", "runner_args": ["--", "--max-new-tokens", "2"]}
+            "calls": root / "calls.log", "runner_args": ["--", *RUNNER_ARGS]}
 
 
 def _sweep(setup: dict, *flags: str) -> subprocess.CompletedProcess:
@@ -187,7 +197,7 @@ def test_a_rerun_skips_every_finished_cell(setup, rerun):
 
 # ----------------------------------------------------------------------------- tables and plots
 def test_accuracy_table_rows_and_columns(setup, report):
-    ckpt = setup["ckpt"].name
+    ckpt = _model(setup["ckpt"])
     model = report["result"]["models"][ckpt]
     assert model["datasets"] == [DATA]
     table = pd.read_csv(report["out"] / f"{ckpt}_accuracy.csv")
@@ -207,7 +217,7 @@ def test_accuracy_table_rows_and_columns(setup, report):
 
 
 def test_system_metrics(setup, report):
-    ckpt = setup["ckpt"].name
+    ckpt = _model(setup["ckpt"])
     rows = {(r["method"], r["kept ratio"], r["seed"]): r
             for r in report["result"]["models"][ckpt]["system"]}
     assert len(rows) == 7
@@ -235,7 +245,7 @@ def test_plots(setup, report):
     paths = plots.make_plots(setup["work"], out, report["result"]["cells"])
     name = setup["names"]["fastv 0.5"]
     paths.append(plots.overlay(setup["work"], name, DATA, 3, setup["root"] / "lmu", out))
-    ckpt = setup["ckpt"].name
+    ckpt = _model(setup["ckpt"])
     assert [p.name for p in paths] == [f"{ckpt}_accuracy_vs_ratio.png", f"{ckpt}_accuracy_vs_prefill.png",
                                        f"overlay_{name}_{DATA}_s3.png"]
     for p in paths:
@@ -255,7 +265,8 @@ def tiny(setup, full, tmp_path_factory) -> dict:
     checkpoint, so the cells both sweeps ran can be compared."""
     from scripts import tiny_sweep
 
-    return tiny_sweep.run(tmp_path_factory.mktemp("tiny_sweep"), checkpoints={"qwen": setup["ckpt"]}, warmup=1)
+    return tiny_sweep.run(tmp_path_factory.mktemp("tiny_sweep"), checkpoints={"qwen": setup["ckpt"]}, warmup=1,
+                          protocol="chat_template")
 
 
 def _pred_score(work: Path, name: str, data: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -275,13 +286,13 @@ def test_tiny_sweep_covers_every_family_and_dataset_format(tiny):
     for proc in tiny["sweeps"]:
         assert "FAIL" not in proc.stdout and proc.stdout.count("loaded ") == 3  # one load per checkpoint
     models = tiny["report"]["models"]
-    assert sorted(models) == sorted(p.name for p in tiny["checkpoints"].values())
+    assert sorted(models) == sorted(_model(p) for p in tiny["checkpoints"].values())
     for name, model in models.items():
         assert model["datasets"] == sorted(ALL, key=_common.dataset_sort_key) and len(ALL) == 12, name
         groups = [_common.dataset_spec(d).group for d in model["datasets"]]
         assert sorted(set(groups), key=groups.index) == GROUP_ORDER  # columns grouped by ability, in the paper's order
         for d in ALL:  # every cell has its score file and one ledger attempt, in one-load mode
-            for cell in (name, f"{name}__L2-fastv_intra_llm-r0.5"):
+            for cell in (f"{name}__vanilla", f"{name}__L2-fastv_intra_llm-r0.5"):
                 assert _common.cell_status(tiny["work"] / cell, cell, d) == "done", (cell, d)
                 (attempt,) = _common.read_ledger(tiny["work"], cell, 10**6)[d]
                 assert attempt.rc == 0 and attempt.command.startswith("[one load] ")
@@ -290,7 +301,7 @@ def test_tiny_sweep_covers_every_family_and_dataset_format(tiny):
 def test_tiny_sweep_accuracy_tables(tiny):
     work = tiny["work"]
     for family, ckpt in tiny["checkpoints"].items():
-        table = pd.read_csv(work / "_report" / f"{ckpt.name}_accuracy.csv")
+        table = pd.read_csv(work / "_report" / f"{_model(ckpt)}_accuracy.csv")
         labels = aggregate.column_labels(ALL)
         assert list(table.columns[:4]) == ["kept ratio", "method", "stage", "seeds"]
         for d in ALL:
@@ -299,7 +310,8 @@ def test_tiny_sweep_accuracy_tables(tiny):
             ("vanilla", 1.0, True), ("fastv_intra_llm@L2", 0.5, True)]
         vanilla, fastv = table.iloc[0], table.iloc[1]
         # MME normalised to 0-100 from the score file VLMEvalKit wrote
-        mme = pd.read_csv(_common.find_score_file(work / ckpt.name, ckpt.name, "MME_tiny")).iloc[0]
+        cell = _name(ckpt, {})
+        mme = pd.read_csv(_common.find_score_file(work / cell, cell, "MME_tiny")).iloc[0]
         assert vanilla["MME_tiny"] == pytest.approx((mme["perception"] + mme["reasoning"]) / 28) and 0 <= vanilla["MME_tiny"] <= 100
         # The judged datasets were scored by the stub judge: MIA-Bench's fixed grade, 5/10, is 50.
         assert vanilla["MIA_tiny"] == fastv["MIA_tiny"] == 50.0 and fastv["MIA_tiny drop %"] == 0
@@ -308,7 +320,7 @@ def test_tiny_sweep_accuracy_tables(tiny):
             assert vanilla[col] == 0
             assert (math.isnan(fastv[col]) if base == 0 else fastv[col] == pytest.approx((base - score) / base * 100)), col
         assert vanilla["Avg"] == pytest.approx(statistics.fmean(vanilla[labels[d]] for d in ALL))
-        md = (work / "_report" / f"{ckpt.name}_accuracy.md").read_text()
+        md = (work / "_report" / f"{_model(ckpt)}_accuracy.md").read_text()
         header = md.splitlines()[2]
         assert [header.index(g + "<br>") for g in GROUP_ORDER] == sorted(header.index(g + "<br>") for g in GROUP_ORDER)
         assert "*Retain 50.0% tokens (↓ 50.0%)*" in md, family
@@ -316,7 +328,7 @@ def test_tiny_sweep_accuracy_tables(tiny):
 
 def test_tiny_sweep_system_metrics(tiny):
     for family, ckpt in tiny["checkpoints"].items():
-        rows = tiny["report"]["models"][ckpt.name]["system"]
+        rows = tiny["report"]["models"][_model(ckpt)]["system"]
         assert len(rows) == 2 * len(ALL)
         lmu = tiny["out"] / "lmu"
         for r in rows:
@@ -344,7 +356,7 @@ def test_tiny_sweep_plots_are_pngs(tiny):
     from PIL import Image
 
     names = sorted(p.name for p in tiny["plots"])
-    assert names == sorted(f"{c.name}_{kind}.png" for c in tiny["checkpoints"].values()
+    assert names == sorted(f"{_model(c)}_{kind}.png" for c in tiny["checkpoints"].values()
                            for kind in ("accuracy_vs_ratio", "accuracy_vs_prefill"))
     for p in tiny["plots"]:
         with Image.open(p) as img:
@@ -362,7 +374,7 @@ def test_tiny_sweep_plot_panels(tiny, monkeypatch):
         return path
 
     monkeypatch.setattr(plots, "_finish", capture)
-    ckpt = tiny["checkpoints"]["qwen"].name
+    ckpt = _model(tiny["checkpoints"]["qwen"])
     plots.make_plots(tiny["work"], tiny["work"] / "_unused", [c for c in tiny["report"]["cells"] if c.model == ckpt])
     labels = aggregate.column_labels(ALL)
     expected = [labels[d] for d in sorted(ALL, key=_common.dataset_sort_key)] + ["Average"]
@@ -396,7 +408,8 @@ def torchrun(setup, full, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("torchrun") / "work"
     cmd = ["bash", str(SWEEP), "--model", f"qwen {setup['ckpt']}", "--methods", "intra:fastv_intra_llm", "--ratios", "0.5",
            "--datasets", DATA, "--work-dir", str(work), "--python", sys.executable, "--nproc", "2", *setup["runner_args"]]
-    dry = subprocess.run([*cmd[:-3], "--dry-run", *cmd[-3:]], env=setup["env"], capture_output=True, text=True, timeout=120)
+    n = len(setup["runner_args"])
+    dry = subprocess.run([*cmd[:-n], "--dry-run", *cmd[-n:]], env=setup["env"], capture_output=True, text=True, timeout=120)
     proc = subprocess.run(cmd, env=setup["env"], cwd=setup["root"], capture_output=True, text=True, timeout=600)
     return {"work": work, "proc": proc, "dry": dry, "name": setup["names"]["fastv 0.5"]}
 
@@ -430,7 +443,7 @@ def test_torchrun_two_ranks_give_the_one_process_results(setup, torchrun):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plots.first_run_record(one, 3) == (one[2], 2)
     # Warm-up is excluded per rank: 2 samples of each of the two processes.
-    (row,) = aggregate.aggregate(work, work / "_report", warmup=2)["models"][setup["ckpt"].name]["system"]
+    (row,) = aggregate.aggregate(work, work / "_report", warmup=2)["models"][_model(setup["ckpt"])]["system"]
     assert (row["records"], row["timed"]) == (N_SAMPLES, N_SAMPLES - 4)
 
 

@@ -114,13 +114,17 @@ def test_runner_end_to_end_with_config_in_the_model_name(checkpoint):
     pruned = _run(checkpoint, {"KEEP_RATIO": "0.25", "PRUNE_METHOD_PRE_LLM": "divprune_pre_llm", "PREFILL_TIME": "1"}, *args)
     assert pruned.returncode == 0, pruned.stderr[-2000:]
     work = checkpoint / "work"
-    for name in ("tiny-qwen", "tiny-qwen__divprune_pre_llm-r0.25"):
+    # VLMEvalKit's protocol of the family's reference model (the folder is no VLMEvalKit name), the
+    # answer length overridden; the unpruned run gets its own tag.
+    prefix = "tiny-qwen__vlmeval-Qwen2.5-VL-7B-Instruct__mnt3"
+    for name in (f"{prefix}__vanilla", f"{prefix}__divprune_pre_llm-r0.25"):
         assert (work / name / f"{name}_MME_tiny_score.csv").exists(), sorted(p.name for p in work.iterdir())
-    config = json.loads((work / "tiny-qwen__divprune_pre_llm-r0.25" / "prune_config.json").read_text())
+    config = json.loads((work / f"{prefix}__divprune_pre_llm-r0.25" / "prune_config.json").read_text())
     assert config["pre_method"] == "divprune_pre_llm" and config["keep_ratio"] == 0.25
-    records = (work / "tiny-qwen__divprune_pre_llm-r0.25" / "prune_records.jsonl").read_text().splitlines()
+    records = (work / f"{prefix}__divprune_pre_llm-r0.25" / "prune_records.jsonl").read_text().splitlines()
     assert len(records) == 28  # 14 categories x 1 image x 2 questions
-    assert all(json.loads(r)["n_visual_final"] == 4 for r in records)
+    # A 112-px image upscaled to min_pixels=1280*28*28: 36 x 36 tokens, a quarter kept.
+    assert all((json.loads(r)["n_visual"], json.loads(r)["n_visual_final"]) == (1296, 324) for r in records)
     assert len((checkpoint / "prefill_times.txt").read_text().splitlines()) == 28
 
 
