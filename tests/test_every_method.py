@@ -51,7 +51,16 @@ def test_method_runs_on_family(models, method, family):
                 assert e.n_keep == len(e.kept) + e.merged == sum(k for _, k in e.images)
                 assert all(0 <= k <= n for n, k in e.images)
             return
-        (event,) = model.prune_trace
+        trace = model.prune_trace
+        if m.vit_merge is not None:  # first the ViT merge (a note says where, or why it was skipped)
+            vision, *trace = trace
+            assert vision.stage == "vision" and vision.note
+            image = set(torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten().tolist())
+            assert set(vision.kept) <= image and vision.kept == sorted(vision.kept)
+            if not trace:  # the ViT merge reached the budget by itself
+                assert [k for _, k in vision.images] == [methods.budget(n, ratio) for n, _ in vision.images]
+                return
+        (event,) = trace
         assert (event.stage, event.method) == (m.stage, method)
         assert event.layer == (None if m.stage == "pre_llm" else 2)
         image = set(torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten().tolist())
