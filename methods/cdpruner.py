@@ -230,8 +230,9 @@ def load_clip(name: str, device: torch.device | str) -> ClipText:
     source="Theia-4869/CDPruner",
     paper="https://arxiv.org/abs/2506.10967",
     deviation="Not in UniPruneBench. T = budget(N, KEEP_RATIO) per image; CLIP text tower + visual_projection "
-    "from PRUNE_ARGS clip_model (llava-hf lacks them); question = sample_info text minus answer-format "
-    "instructions; stops at the kernel's rank (the original gets NaN); relevance scaled per image.",
+    "from PRUNE_ARGS clip_model (llava-hf has neither); question = sample_info['text'] minus answer-format "
+    "instructions; fewer than T at the kernel's rank (the original: NaN picks); relevance scaled per image; "
+    "own positions (original: sequential). docs/methods_text.md",
     refusal="its relevance is a CLIP text-image cosine, which needs CLIP's text tower and a CLIP-aligned image "
     "space; this family's ViT has neither (the paper's Qwen2.5-VL results come with no code)",
 )

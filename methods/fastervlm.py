@@ -50,7 +50,8 @@ def fastervlm_select(cls_attention: torch.Tensor, keep: int) -> torch.Tensor:
     source="Theia-4869/FasterVLM",
     paper="https://arxiv.org/abs/2412.01818v1",
     deviation="Not in UniPruneBench's code release. T = budget(N, KEEP_RATIO) per image; head-mean [CLS] "
-    "attention of the feature layer from its own q/k under sdpa (the original asks CLIP for eager attentions).",
+    "attention of the feature layer from its own q/k under sdpa (the original asks CLIP for eager attentions); "
+    "own positions (original: sequential). docs/methods_text.md",
     refusal="it ranks patches by the ViT's [CLS] attention, and this family's vision encoder has no [CLS] token",
 )
 def fastervlm(ctx: PruneContext, keep: int) -> torch.Tensor:

@@ -191,8 +191,9 @@ def tome_merge_tokens(features: torch.Tensor, keep: int) -> tuple[torch.Tensor, 
     paper="https://arxiv.org/abs/2210.09461",
     deviation="Not in UniPruneBench. LLaVA: ModelTC/LightCompress's CLIP port (every layer to the feature layer, "
     "head-mean keys, [CLS] kept, plain means, size=None); KEEP_RATIO -> r per layer so budget(N, r) tokens reach "
-    "the LLM (PRUNE_ARGS r: LightCompress's constant r); merged tokens at their group's last patch slot. "
-    "Qwen2.5-VL/InternVL3: ADAPTATION, the same matching on the merger/projector output (metric = features).",
+    "the LLM (PRUNE_ARGS r: LightCompress's constant r); merged tokens at their group's last patch slot "
+    "(original: ToMe's order, sequential positions). Qwen2.5-VL/InternVL3: ADAPTATION, the same matching on the "
+    "merger/projector output (metric = features). docs/methods_text.md",
     vit_merge=ViTLayerMerge(schedule=tome_schedule, fn=tome_vit_merge),
 )
 def tome(ctx: PruneContext, keep: int, *, r: int = 0) -> Any:
