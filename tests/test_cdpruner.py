@@ -133,16 +133,36 @@ def _expected(model, inputs, clip_dir, text, keep) -> list[int]:
 
 
 @torch.no_grad()
-def test_engine_selection_equals_the_unpatched_tensors_and_the_reference(clip_dir):
+def test_engine_selection_equals_the_unpatched_tensors_and_the_reference(clip_dir, monkeypatch):
+    import dataclasses
+
+    import methods
+
     spec = FAMILIES["llava"]
     inputs = spec.inputs("2img", seed=SEED)
     model = spec.build(seed=SEED)
     expected = _expected(model, inputs, clip_dir, strip_instruction(QUESTION), keep=6)
+    eager = spec.build(seed=SEED, attn="eager")
+    hidden = eager.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
+    real, seen = methods.get_method("cdpruner_pre_llm"), []
+
+    def spy(ctx, keep, **args):  # the real method, its contexts recorded
+        seen.append(ctx)
+        return real.fn(ctx, keep, **args)
+
+    monkeypatch.setitem(methods._REGISTRY, "cdpruner_pre_llm", dataclasses.replace(real, fn=spy))
     spec.module.patch(model, cfg(KEEP_RATIO=6 / 16, PRUNE_METHOD_PRE_LLM="cdpruner_pre_llm", PRUNE_ARGS=f"clip_model={clip_dir}"))
     model._prune_state.sample_info = {"text": QUESTION}
     prefill = model(**inputs).logits[0]
     (event,) = model.prune_trace
     assert event.kept == expected and event.images == [(16, 6), (16, 6)]
+    # The captured inputs: the unpatched eager CLIP's feature layer, the tower's own post_layernorm,
+    # the question as given.
+    assert len(seen) == 2
+    for b, ctx in enumerate(seen):
+        torch.testing.assert_close(ctx["vit_features"], hidden[b])
+        assert ctx["vit_post_layernorm"] is model.model.vision_tower.post_layernorm
+        assert ctx["instruction_text"] == QUESTION
     clip = load_clip(clip_dir, "cpu")
     assert clip._last[0] == strip_instruction(QUESTION)  # the text tower saw the stripped question
     model._prune_state.sample_info = {"text": QUESTION}  # the next prefill (greedy decode) reads it again
