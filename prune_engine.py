@@ -427,8 +427,9 @@ def _install_layer_merge(state: PruneState, model: nn.Module, name: str, merge: 
 def _expand_vit_merge(state: PruneState, out: Any) -> Any:
     """After a ViT merge (``state.vision["vit_merge_groups"]``, or ``vit_merge_dest`` for a per-layer
     merge): ``out.pooler_output`` holds ``N'`` projected tokens an image, but the prompt has one
-    placeholder per original patch, and the model checks the counts. Give back ``N`` rows an image, each patch's row being its group's
-    merged token (only the group's slot, its last patch, survives the ``vision`` cut), and keep
+    placeholder per original patch, and the model checks the counts. Give back ``N`` rows an
+    image, each patch's row being its group's merged token (only the group's slot, its last
+    patch, survives the ``vision`` cut), and keep
     what the cut and the ViT needs read: ``vit_merge_features`` (per image ``[N', D]``) and
     ``vit_merge_cols`` (per image ``[N]``: each patch's column in the merged ViT sequence)."""
     groups, dest = state.vision.get("vit_merge_groups"), state.vision.get("vit_merge_dest")
