@@ -18,8 +18,10 @@ as each image's first token (``h * w + 1`` tokens) and the grid is ``None``. Wit
 ``pixel_values`` (e.g. features passed as ``mm_encoder_outputs``) the layout is "unknown" and the
 engine treats each run of image tokens as one image. Each image keeps ``budget(576, KEEP_RATIO)``.
 
-ViT-internal merges (``methods.ViTMerge``, MustDrop's window merge) are wired here only
-(:meth:`LlavaFamily.install_vit_merge`): the later CLIP layers run on the merged sequence.
+ViT-internal merges are wired here only: ``methods.ViTMerge`` (MustDrop's window merge,
+:meth:`LlavaFamily.install_vit_merge`) on one CLIP layer's output, ``methods.ViTLayerMerge`` (ToMe,
+:meth:`LlavaFamily.install_vit_layer_merge`) between attention and MLP of every CLIP layer up to
+the feature layer; the later CLIP layers run on the merged sequence.
 
 VLMEvalKit protocol (:mod:`vlm_adapter`): ``LLaVA`` (``llava_v1.5_7b``) runs as is with the
 original LLaVA package (PyPI ``llava-torch``): its Vicuna system prompt and ``USER: ... ASSISTANT:``
@@ -31,6 +33,7 @@ model's ``generate(input_ids, images=...)`` into the HF-native call.
 
 from __future__ import annotations
 
+import types
 from typing import Any, Mapping
 
 import torch
@@ -133,7 +136,8 @@ class LlavaFamily(prune_engine.Family):
         receives the former); ``vit_last_queries`` / ``vit_last_keys`` ``[1+N, C]``: the outputs of
         the LAST layer's ``q_proj`` / ``k_proj`` modules, as PruMerge's forward hooks read them
         (CLIP-L: layer 23, which runs although the features come from layer 22).
-        ``vit_projector``: ``multi_modal_projector``, not per image.
+        ``vit_projector``: ``multi_modal_projector``; ``vit_post_layernorm``: the tower's own
+        ``post_layernorm`` (CDPruner's CLIP image embeddings); neither is per image.
         """
         layer_sel = model.config.vision_feature_layer
         strategy = model.config.vision_feature_select_strategy
@@ -165,6 +169,7 @@ class LlavaFamily(prune_engine.Family):
             return lambda module, args, output: store.__setitem__(name, output)  # [B, 1+N, C]
 
         store["vit_projector"] = model.model.multi_modal_projector
+        store["vit_post_layernorm"] = getattr(tower, "vision_model", tower).post_layernorm
         last = layers[-1].self_attn
 
         def last_cls_attention(module: nn.Module, args: tuple, output: Any) -> None:
@@ -210,6 +215,80 @@ class LlavaFamily(prune_engine.Family):
             return (merged, *output[1:]) if isinstance(output, tuple) else merged
 
         return [layers[layer].register_forward_hook(merge, prepend=True)]
+
+    def install_vit_layer_merge(self, model: nn.Module, apply: Any) -> list[Any]:
+        """ToMe's place in CLIP: in every layer whose output reaches the feature layer
+        (``hidden_states[vision_feature_layer]``; CLIP-L with -2: layers 0..22), the merge runs
+        between the attention block (residual added) and the MLP, on the layer's keys averaged over
+        heads (a forward hook on ``self_attn.k_proj``, the keys the attention itself uses). Later
+        layers do not run it (their output never reaches the projector). Each such layer gets an
+        instance ``forward`` (:func:`_merging_layer_forward`); the handles' ``remove()`` restores
+        the class forward and drops the key hooks."""
+        layer_sel = model.config.vision_feature_layer
+        if not isinstance(layer_sel, int) or model.config.vision_feature_select_strategy != "default":
+            raise ValueError("a ViT merge needs one vision_feature_layer and vision_feature_select_strategy='default'")
+        tower = model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        feature = len(layers) + 1 + layer_sel if layer_sel < 0 else layer_sel  # index into hidden_states
+        if feature < 1:
+            raise ValueError(f"no CLIP layer runs before the feature layer (hidden_states[{layer_sel}])")
+        n = feature  # hidden_states[k] is the output of layer k - 1: layers 0..feature-1 merge
+        handles: list[Any] = []
+        for i in range(n):
+            keys: dict[str, torch.Tensor] = {}
+            layer = layers[i]
+            handles.append(layer.self_attn.k_proj.register_forward_hook(lambda m, a, o, keys=keys: keys.__setitem__("k", o)))
+            layer.forward = types.MethodType(_merging_layer_forward(apply, i, n, keys), layer)
+            handles.append(_InstanceForward(layer))
+        return handles
+
+
+class _InstanceForward:
+    """Handle that removes a module's instance-level ``forward`` (the class forward applies again)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
+def _merging_layer_forward(apply: Any, i: int, n: int, keys: dict[str, torch.Tensor]):
+    """``CLIPEncoderLayer.forward`` with a token merge between attention and MLP.
+
+    Copied from ``transformers.models.clip.modeling_clip.CLIPEncoderLayer.forward`` (transformers
+    5.23.0) with one modification, fenced: after the attention residual, ``apply(i, n, x, metric)``
+    may return a shorter sequence (ToMe's place, as LightCompress's ``tome_CLIPEncoderLayer_forward``);
+    ``metric`` ``[B, 1 + T, head_dim]`` is this layer's ``k_proj`` output split into heads and
+    averaged over them (LightCompress: ``key_states.mean(1)``)."""
+
+    def forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
+        residual = hidden_states
+
+        hidden_states = self.layer_norm1(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        # ---- change: merge tokens here, on this layer's head-mean keys ----
+        b, t, _ = hidden_states.shape
+        metric = keys.pop("k").view(b, t, -1, self.self_attn.head_dim).mean(dim=2)  # [B, 1+T, hd]
+        merged = apply(i, n, hidden_states, metric)
+        if merged is not None:
+            hidden_states = merged
+        # ---- end ----
+
+        residual = hidden_states
+        hidden_states = self.layer_norm2(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+
+        return hidden_states
+
+    return forward
 
 
 FAMILY = LlavaFamily()

@@ -100,6 +100,18 @@ class Family:
         skips the merge with a ``vision`` trace note)."""
         raise NotImplementedError(f"{self.name}: ViT-internal token merges are not wired for this vision encoder")
 
+    def install_vit_layer_merge(
+        self, model: nn.Module, apply: Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor | None]
+    ) -> list[Any]:
+        """For a :class:`methods.ViTLayerMerge`: in each of the ``n`` ViT layers whose output reaches
+        the feature layer, call ``apply(i, n, x, metric)`` between the attention (residual added)
+        and the MLP, with ``x`` ``[B, 1 + T, C]`` and ``metric`` ``[B, 1 + T, c]`` (that layer's
+        keys, averaged over heads); the MLP and the later layers run on what it returns (or on
+        ``x`` when None). Return handles whose ``remove()`` restores the layers. Families whose
+        vision encoder cannot run such merges raise NotImplementedError (the merge is then skipped
+        with a ``vision`` trace note)."""
+        raise NotImplementedError(f"{self.name}: per-layer ViT token merges are not wired for this vision encoder")
+
     def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on ``x`` ``[B, H, L, hd]`` with ``cos``/``sin`` ``[B, L, hd]`` (the families' layout)."""
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -350,6 +362,9 @@ def _start_vision_capture(state: PruneState, model: nn.Module) -> None:
         return
     name, merge = merger
     args = {**methods.get_method(name).params, **state.config.args_for(name)}
+    if isinstance(merge, methods.ViTLayerMerge):
+        _install_layer_merge(state, model, name, merge, args)
+        return
 
     def apply(x: torch.Tensor) -> torch.Tensor | None:
         # Runs inside the ViT: the merged sequence goes on to the next ViT layer; the groups are
@@ -372,23 +387,67 @@ def _start_vision_capture(state: PruneState, model: nn.Module) -> None:
             state._warned_vit_merge = True
 
 
+def _install_layer_merge(state: PruneState, model: nn.Module, name: str, merge: "methods.ViTLayerMerge", args: dict) -> None:
+    """Wire a :class:`methods.ViTLayerMerge` into the family's ViT layers for this vision pass.
+    ``state.vision["vit_merge_dest"]`` ``[B, N]`` follows each original patch to its column among
+    the merged patches (composed on the device, layer by layer); ``vit_merge_n`` is ``N'``."""
+    run: dict[str, Any] = {}
+
+    def apply(i: int, n_layers: int, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor | None:
+        if i == 0:  # a new vision pass: the schedule for this N
+            n = x.shape[1] - 1
+            run["r"] = tuple(int(r) for r in merge.schedule(n, n_layers, state.config.keep_ratio, args))
+            if len(run["r"]) != n_layers:
+                raise ValueError(f"{name}: the schedule gave {len(run['r'])} layers, the ViT merges at {n_layers}")
+            state.vision["vit_merge_dest"] = torch.arange(n, device=x.device).expand(x.shape[0], n)
+            state.vision["vit_merge_n"] = n
+            state.vision["vit_merge_note"] = (
+                f"merged in ViT layers 0..{n_layers - 1} (tokens removed per layer: {', '.join(map(str, run['r']))})"
+            )
+        r = run["r"][i]
+        if r <= 0:
+            return None
+        merged, dest = merge.fn(x, metric, r, args)
+        # Each original patch's column: its current column (0-based among the patches) mapped through
+        # this layer's dest, whose column 0 is [CLS].
+        cols = state.vision["vit_merge_dest"]
+        state.vision["vit_merge_dest"] = dest[:, 1:].gather(1, cols) - 1
+        state.vision["vit_merge_n"] = merged.shape[1] - 1
+        return merged
+
+    try:
+        state.vision_hooks += state.family.install_vit_layer_merge(model, apply)
+    except NotImplementedError as e:
+        state.vision["vit_merge_note"] = f"ViT merge skipped: {e}"
+        if not getattr(state, "_warned_vit_merge", False):
+            logger.warning("%s: %s; its other stages run as usual", name, e)
+            state._warned_vit_merge = True
+
+
 def _expand_vit_merge(state: PruneState, out: Any) -> Any:
-    """After a ViT merge (``state.vision["vit_merge_groups"]``): ``out.pooler_output`` holds ``N'``
-    projected tokens an image, but the prompt has one placeholder per original patch, and the
-    model checks the counts. Give back ``N`` rows an image, each patch's row being its group's
-    merged token (only the group's slot, its last patch, survives the ``vision`` cut), and keep
+    """After a ViT merge (``state.vision["vit_merge_groups"]``, or ``vit_merge_dest`` for a per-layer
+    merge): ``out.pooler_output`` holds ``N'`` projected tokens an image, but the prompt has one
+    placeholder per original patch, and the model checks the counts. Give back ``N`` rows an
+    image, each patch's row being its group's merged token (only the group's slot, its last
+    patch, survives the ``vision`` cut), and keep
     what the cut and the ViT needs read: ``vit_merge_features`` (per image ``[N', D]``) and
     ``vit_merge_cols`` (per image ``[N]``: each patch's column in the merged ViT sequence)."""
-    groups = state.vision.get("vit_merge_groups")
-    if groups is None or "vit_merge_cols" in state.vision:
+    groups, dest = state.vision.get("vit_merge_groups"), state.vision.get("vit_merge_dest")
+    if (groups is None and dest is None) or "vit_merge_cols" in state.vision:
         return out
     if not hasattr(out, "pooler_output"):
         raise TypeError("a ViT merge needs get_image_features to return a ModelOutput (return_dict=True)")
     feats = list(out.pooler_output)
-    if len(feats) != len(groups):
-        raise ValueError(f"{len(feats)} images of features but {len(groups)} merged images")
+    n_merged = len(groups) if groups is not None else dest.shape[0]
+    if len(feats) != n_merged:
+        raise ValueError(f"{len(feats)} images of features but {n_merged} merged images")
     cols = []
-    for f, g in zip(feats, groups):
+    if dest is not None:  # a per-layer merge: the columns were composed on the device
+        for f, col in zip(feats, dest):
+            if f.shape[0] != state.vision["vit_merge_n"]:
+                raise ValueError(f"{f.shape[0]} projected tokens for {state.vision['vit_merge_n']} merged tokens")
+            cols.append(col.to(f.device))
+    for f, g in zip(feats, groups or ()):
         if f.shape[0] != len(g):
             raise ValueError(f"{f.shape[0]} projected tokens for {len(g)} merged groups")
         col = torch.empty(sum(len(x) for x in g), dtype=torch.long, device=f.device)
@@ -677,13 +736,17 @@ def _prune_step(
             survivors = sorted(int(p) for s in prefill.segments for p in s.orig_seq[s.alive] if p < prefill.n_prompt)
             state.trace.append(Event(stage, None, name, sum(n), sum(n), survivors, [(k, k) for k in n], note=state.vision["vit_merge_note"]))
             return None
-        groups, feats = state.vision["vit_merge_groups"], state.vision["vit_merge_features"]
+        cols, feats = state.vision["vit_merge_cols"], state.vision["vit_merge_features"]
 
         def select(ctx: methods.PruneContext, keep: int) -> methods.Selection:
-            # Each group's slot is its last patch; ctx rows are the image's tokens (none cut yet).
-            row = torch.full((ctx.n_orig,), -1, dtype=torch.long)
-            row[ctx.token_index.cpu()] = torch.arange(ctx.n)
-            slots = torch.tensor([max(g) for g in groups[ctx.image_index]], dtype=torch.long)
+            # Each group's slot is its last patch (the largest patch index in its column of
+            # ``cols``); ctx rows are the image's tokens (none cut yet).
+            col = cols[ctx.image_index]  # [N] each patch's merged column
+            device = col.device
+            row = torch.full((ctx.n_orig,), -1, dtype=torch.long, device=device)
+            row[ctx.token_index.to(device)] = torch.arange(ctx.n, device=device)
+            slots = torch.full((feats[ctx.image_index].shape[0],), -1, dtype=torch.long, device=device)
+            slots = slots.scatter_reduce(0, col, torch.arange(col.numel(), device=device), reduce="amax")
             if bool((row[slots] < 0).any()):
                 raise RuntimeError("the vision cut must come before any other cut of the image")
             return methods.Selection(row[slots], feats[ctx.image_index])
@@ -839,6 +902,16 @@ def _compute_needs(
             v = state.vision.get(need)
             out[need] = None if v is None else (lambda idx, img, seg, v=v: v[img][:, _vit_cols(state, img, seg)])
             continue
+        if need == "instruction_text":
+            text = state.sample_info.get("text")
+            if not isinstance(text, str):
+                raise ValueError(
+                    "instruction_text: this method reads the prompt's question, but no text was given: set "
+                    "model._prune_state.sample_info['text'] before generate (the VLMEvalKit adapter sets it "
+                    "to the message's text parts joined with newlines)"
+                )
+            out[need] = text
+            continue
         if need == "n_vit_tokens":
             cols = state.vision.get("vit_merge_cols")
             out[need] = lambda idx, img, seg, c=cols: seg.n_orig if c is None else int(c[img].max()) + 1
@@ -886,7 +959,7 @@ def _compute_needs(
             out[need] = lambda idx, *_: idx
         elif need in (
             "vit_cls_attention", "vit_features", "vit_cls_feature", "vit_feature_keys", "vit_last_queries",
-            "vit_last_keys", "vit_projector",
+            "vit_last_keys", "vit_projector", "vit_post_layernorm",
         ):
             if need not in state.vision:
                 raise RuntimeError(f"{need} was not captured during the vision pass")
@@ -899,7 +972,7 @@ def _compute_needs(
                 out[need] = lambda idx, img, seg, v=v: v[img][:, _vit_cols(state, img, seg)]
             elif need == "vit_cls_feature":
                 out[need] = lambda idx, img, seg, v=v: v[img]
-            elif need == "vit_projector":
+            elif need in ("vit_projector", "vit_post_layernorm"):
                 out[need] = lambda *_, p=v: p  # a callable itself: not evaluated per image
             else:
                 out[need] = lambda idx, img, seg, v=v: v[img][torch.cat([seg.alive.new_zeros(1), _vit_cols(state, img, seg) + 1])]

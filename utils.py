@@ -193,7 +193,8 @@ class PruneConfig:
         for name in self.method_names:
             m = methods.get_method(name)
             if family and m.families is not None and family not in m.families:
-                raise ConfigError(f"{name} does not apply to {family} (it supports {', '.join(m.families)})")
+                why = f": {m.refusal}" if m.refusal else ""
+                raise ConfigError(f"{name} does not apply to {family} (it supports {', '.join(m.families)}){why}")
 
     def tag(self) -> str:
         """A short, filesystem-safe name of this configuration ('' when nothing is pruned).

@@ -50,6 +50,7 @@ __all__ = [
     "check_output",
     "Selection",
     "ViTMerge",
+    "ViTLayerMerge",
     "ViTMergeSkipped",
     "STAGES",
     "NEEDS",
@@ -127,6 +128,17 @@ NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
         "for methods that merge ViT-space features (vit_features) before projecting them, as the "
         "originals do; its output replaces the kept tokens' features.",
         ("pre_llm",),
+    ),
+    "vit_post_layernorm": (
+        "callable [K, C] -> [K, C]: the vision tower's own final LayerNorm (LLaVA: CLIP's "
+        "post_layernorm), which CLIP applies before its visual_projection (CDPruner's image embeddings).",
+        ("pre_llm",),
+    ),
+    "instruction_text": (
+        "str: the prompt's text as the caller set it in model._prune_state.sample_info['text'] before "
+        "generate (the VLMEvalKit adapter: the message's text parts joined with newlines). The same "
+        "string for every image; a clear error when it is missing. CDPruner's instruction.",
+        ("pre_llm", "intra_llm"),
     ),
     "text_features": (
         "[T, D] the states of the text tokens after this image (question + assistant prefix), at "
@@ -230,7 +242,8 @@ class PruneMethod:
     # name then expands into several intra-LLM events (see register_prune).
     schedule: Callable[[float | None, Mapping[str, Any]], tuple[tuple[tuple[int, float | None], ...], dict[str, Any]]] | None = None
     trim_cache: bool = False  # after the prefill, caches from its first event's layer - 1 on keep only the final survivors
-    vit_merge: "ViTMerge | None" = None  # a merge inside the vision encoder (a "vision" event before the LLM)
+    vit_merge: "ViTMerge | ViTLayerMerge | None" = None  # a merge inside the vision encoder (a "vision" event before the LLM)
+    refusal: str = ""  # why the method does not apply to the families outside ``families`` (shown in the error)
 
     @property
     def summary(self) -> str:
@@ -270,7 +283,8 @@ def register_prune(
     default_layer: int = 2,
     schedule: Callable[..., Any] | None = None,
     trim_cache: bool = False,
-    vit_merge: "ViTMerge | None" = None,
+    vit_merge: "ViTMerge | ViTLayerMerge | None" = None,
+    refusal: str = "",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(ctx, keep, *, hyper=default, ...)`` under ``name`` for ``stage``.
 
@@ -298,7 +312,10 @@ def register_prune(
         vit_merge: a :class:`ViTMerge`: the method also merges tokens INSIDE the vision encoder
             (MustDrop's window merge), so the later ViT layers run on fewer tokens; the engine cuts
             the image's placeholders down to the merged count before the LLM (a ``vision`` event).
-            Families that cannot run it skip it with a ``vision`` trace note.
+            Families that cannot run it skip it with a ``vision`` trace note. A
+            :class:`ViTLayerMerge` merges at every ViT layer up to the feature layer instead (ToMe).
+        refusal: the reason the method does not apply outside ``families``, appended to the
+            configuration error.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r} (method {name!r})")
@@ -331,6 +348,7 @@ def register_prune(
             schedule=schedule,
             trim_cache=trim_cache,
             vit_merge=vit_merge,
+            refusal=refusal,
         )
         return fn
 
@@ -453,6 +471,29 @@ class ViTMerge:
 
     layer: int
     fn: Callable[[torch.Tensor, Mapping[str, Any]], tuple[torch.Tensor, list[list[list[int]]]]]
+
+
+@dataclass(frozen=True)
+class ViTLayerMerge:
+    """A token merge at EVERY layer of the vision encoder up to its feature layer, between each
+    layer's attention (with its residual) and its MLP, declared with ``register_prune(...,
+    vit_merge=)`` (ToMe, as LightCompress applies it to CLIP).
+
+    ``schedule(n_patches, n_layers, keep_ratio, args) -> (r_0, ..., r_{n_layers-1})``: how many
+    tokens each of the ``n_layers`` merging layers removes, called once per vision pass (``N`` and
+    ``n_layers`` from the family, ``keep_ratio`` the configuration's ``KEEP_RATIO``).
+
+    ``fn(x, metric, r, args) -> (merged, dest)`` at a layer whose ``r > 0``: ``x`` ``[B, 1 + T, C]``
+    ([CLS] first, the ``T`` current tokens of each of the ``B`` images), ``metric`` ``[B, 1 + T, c]``
+    (that layer's keys, averaged over heads); ``merged`` ``[B, 1 + T - r, C]`` ([CLS] first) and
+    ``dest`` ``[B, 1 + T]`` (long): the column of ``merged`` each input token went to (``dest[:, 0]
+    == 0``). The engine composes the ``dest`` maps on the device (each original patch's column
+    after the last layer) and, as for :class:`ViTMerge`, cuts each image's placeholders to the
+    merged count before the LLM, a merged token taking the slot of its group's LAST patch.
+    """
+
+    schedule: Callable[[int, int, float | None, Mapping[str, Any]], tuple[int, ...]]
+    fn: Callable[[torch.Tensor, torch.Tensor, int, Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor]]
 
 
 def check_output(

@@ -31,7 +31,9 @@ def table() -> str:
         stage = m.stage
         if m.schedule is not None:  # a hybrid: several events from one name
             stage += " (several layers" + (" + KV-cache trim" if m.trim_cache else "") + ")"
-        if m.vit_merge is not None:
+        if isinstance(m.vit_merge, methods.ViTLayerMerge):
+            stage = f"ViT merge (every layer to the feature layer) + {stage}"
+        elif m.vit_merge is not None:
             stage = f"ViT merge (layer {m.vit_merge.layer}) + {stage}"
         rows.append(f"| `{name}` | {stage} | {inputs} | {params} | {source} | {families} | {m.deviation or '-'} |")
     return "\n".join(rows)

@@ -11,6 +11,9 @@ from families import FAMILIES, cfg
 PAIRS = [(m, f) for m in methods.names() for f in FAMILIES]
 # Hybrid methods (one name, several events) run their schedule on the 4-layer tiny decoders.
 HYBRID_ARGS = {"sparsevlm": "layers=0/1/2", "mustdrop": "layers=0/1/2,window=2"}  # 2x2 windows: the tiny 4x4 CLIP grid
+# Methods that read more than the model: CDPruner's CLIP text tower (a tiny CLIP saved for the test).
+EXTRA_ARGS = {"cdpruner_pre_llm": "clip_model={clip_dir}"}
+QUESTION = "Is there a red cube?\nAnswer the question using a single word or phrase."  # instruction_text
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +21,17 @@ def models():
     return {name: spec.build(seed=0) for name, spec in FAMILIES.items()}
 
 
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory, models):
+    """A tiny CLIP whose vision tower is the tiny LLaVA's (CDPruner checks that)."""
+    from tiny_clip import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"), models["llava"])
+
+
 @pytest.mark.parametrize("method, family", PAIRS, ids=[f"{m}-{f}" for m, f in PAIRS])
 @torch.no_grad()
-def test_method_runs_on_family(models, method, family):
+def test_method_runs_on_family(models, clip_dir, method, family):
     spec, model = FAMILIES[family], models[family]
     m = methods.get_method(method)
     ratio = 0.5
@@ -30,6 +41,8 @@ def test_method_runs_on_family(models, method, family):
         env = dict(KEEP_RATIO=ratio, PRUNE_METHOD_PRE_LLM=method)
     else:
         env = dict(INTRA_LLM_LAYER_SPECS=f"2:{method}" + (f":{ratio}" if m.uses_ratio else ""))
+    if method in EXTRA_ARGS:
+        env["PRUNE_ARGS"] = EXTRA_ARGS[method].format(clip_dir=clip_dir)
     if m.families is not None and family not in m.families:
         with pytest.raises(ValueError, match="does not apply"):
             spec.module.patch(model, cfg(**env))
@@ -37,6 +50,7 @@ def test_method_runs_on_family(models, method, family):
     spec.module.patch(model, cfg(**env))
     try:
         inputs = spec.make_inputs(seed=0, **spec.variants["2img"])
+        model._prune_state.sample_info = {"text": QUESTION}  # as the VLMEvalKit adapter sets it
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert out.shape[1] == inputs["input_ids"].shape[1] + 3
         if m.schedule is not None:  # every event of the schedule, each a valid cut
@@ -51,7 +65,16 @@ def test_method_runs_on_family(models, method, family):
                 assert e.n_keep == len(e.kept) + e.merged == sum(k for _, k in e.images)
                 assert all(0 <= k <= n for n, k in e.images)
             return
-        (event,) = model.prune_trace
+        trace = model.prune_trace
+        if m.vit_merge is not None:  # first the ViT merge (a note says where, or why it was skipped)
+            vision, *trace = trace
+            assert vision.stage == "vision" and vision.note
+            image = set(torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten().tolist())
+            assert set(vision.kept) <= image and vision.kept == sorted(vision.kept)
+            if not trace:  # the ViT merge reached the budget by itself
+                assert [k for _, k in vision.images] == [methods.budget(n, ratio) for n, _ in vision.images]
+                return
+        (event,) = trace
         assert (event.stage, event.method) == (m.stage, method)
         assert event.layer == (None if m.stage == "pre_llm" else 2)
         image = set(torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten().tolist())
