@@ -1,0 +1,335 @@
+"""VisionZip (Qwen2.5-VL / InternVL path): hand-derived selections, the ViT inputs
+the engine captures against the unpatched models' eager attention, and runs through the engine
+against the no-cache reference (tests/families.py, tests/reference.py).
+
+Every expected index below is written literally, derived by hand from the original's rules (the
+comment next to it says how); METHODS.md "Second batch" lists the quirks pinned here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import methods
+from methods import PruneContext, check_selection, get_method
+from methods.visionzip import visionzip_qwen_select
+
+F64 = torch.float64
+
+
+def ctx_for(x: torch.Tensor, *, family: str, ratio: float | None = None, grid=None, stage="pre_llm", **extras) -> PruneContext:
+    n = x.shape[0]
+    return PruneContext(
+        features=x, stage=stage, layer=None if stage == "pre_llm" else 2, positions=torch.arange(n),
+        token_index=torch.arange(n), n_orig=n, grid=grid, extras=extras, family=family, ratio=ratio,
+    )
+
+
+def run(name: str, ctx: PruneContext, keep: int, **hyper):
+    m = get_method(name)
+    return check_selection(m, m.fn(ctx, keep, **hyper), ctx.n, keep)
+
+
+def unit(deg: float) -> list[float]:
+    return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the operators that make the host wait for the device (ENVIRONMENT.md): ``.item()`` /
+    ``int(t)`` / ``bool(t)`` (``_local_scalar_dense``), ``nonzero`` and boolean-mask indexing."""
+
+    SYNCS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in self.SYNCS or (
+            str(func.overloadpacket) == "aten.index" and any(t is not None and t.dtype == torch.bool for t in args[1])
+        ):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+# ------------------------------------------------------------------------------ VisionZip (Qwen path)
+def visionzip_qwen_example():
+    # 40 merged tokens. Attention: 0.9 at tokens 5, 12, 13, 20, 33, 39, 0.1 elsewhere. At ratio 0.2:
+    # dominant int((0.2 - 0.05) * 40) = int(6.000000000000001) = 6 -> those six; contextual
+    # max(int(0.05 * 40), 1) = 2. The 34 others ascending [0, 1, 2, 3, 4, 6, ..., 11, 14, ..., 19, 21, ...]:
+    # step 34 // 2 = 17 -> targets at list positions 0 and 17 = tokens 0 and 21. Keys: token 0 at
+    # 0 deg, 21 at 90 deg, every other even token at 10 deg (-> target 0), odd at 80 deg (-> 21).
+    # Features h_t = t: contextual_0 = 0 + mean(even others: 2..38 without 12, 20: 348 / 17),
+    # contextual_21 = 21 + mean(odd others: 1..39 without 5, 13, 21, 33, 39: 289 / 15).
+    n = 40
+    attention = torch.full((n,), 0.1, dtype=F64)
+    attention[[5, 12, 13, 20, 33, 39]] = 0.9
+    keys = torch.tensor([unit(10 if t % 2 == 0 else 80) for t in range(n)], dtype=F64)
+    keys[0], keys[21] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    features = torch.arange(n, dtype=F64).view(n, 1)
+    return features, attention, keys
+
+
+def test_visionzip_qwen_hand_checked():
+    features, attention, keys = visionzip_qwen_example()
+    idx, feats = visionzip_qwen_select(features, attention, keys, 0.2)
+    assert idx.tolist() == [5, 12, 13, 20, 33, 39, 0, 21]  # dominant ascending, then the targets
+    torch.testing.assert_close(feats.flatten(), torch.tensor([5, 12, 13, 20, 33, 39, 348 / 17, 21 + 289 / 15], dtype=F64))
+
+
+def test_visionzip_registered_on_qwen_and_internvl_replaces_targets_in_place():
+    # The same example through the registry: the scores are the head mean of the received attention
+    # (2 heads: 0.9 = mean(1.2, 0.6)); the kept tokens are sorted, the targets carry their merged tokens.
+    features, attention, keys = visionzip_qwen_example()
+    received = torch.stack([attention * 4 / 3, attention * 2 / 3])
+    for family in ("qwen2_5_vl", "internvl"):
+        ctx = ctx_for(features, family=family, ratio=0.2, vit_attention_received={-1: received}, vit_unit_keys={-1: keys})
+        idx, feats = run("visionzip_pre_llm", ctx, methods.budget(40, 0.2))
+        assert idx.tolist() == [0, 5, 12, 13, 20, 21, 33, 39]
+        torch.testing.assert_close(feats.flatten(), torch.tensor([348 / 17, 5, 12, 13, 20, 21 + 289 / 15, 33, 39], dtype=F64))
+
+
+def test_visionzip_qwen_counts_are_the_originals_int_arithmetic():
+    # int((r - 0.05) N) + max(int(0.05 N), 1), floats included: at r = 0.6, N = 20 the original's
+    # int((0.6 - 0.05) * 20) = int(10.999999999999998) = 10, so it keeps 10 + 1 = 11 (budget: 12);
+    # at r = 0.35, N = 12: int(3.5999999999999996) = 3 dominant + max(int(0.6), 1) = 1 contextual.
+    g = torch.Generator().manual_seed(0)
+    for n, r, expected in [(20, 0.6, 11), (12, 0.35, 4), (576, 0.111, 35 + 28), (1000, 0.222, 172 + 50)]:
+        x = torch.randn(n, 3, generator=g, dtype=F64)
+        idx, feats = visionzip_qwen_select(x, torch.rand(n, generator=g, dtype=F64), torch.randn(n, 4, generator=g, dtype=F64), r)
+        assert idx.numel() == feats.shape[0] == idx.unique().numel() == expected
+
+
+def test_visionzip_qwen_selection_makes_no_host_sync():
+    features, attention, keys = visionzip_qwen_example()
+    with SyncCounter() as counter:
+        visionzip_qwen_select(features, attention, keys, 0.2)
+    assert counter.count == 0
+
+
+# --------------------------------------------------------------- the unpatched models' own tensors
+@torch.no_grad()
+def llava_vit(model, inputs) -> tuple[tuple, torch.Tensor]:
+    """The unpatched eager CLIP's ``attentions`` (``[B, H, 1+N, 1+N]`` per layer)."""
+    out = model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    return out.attentions
+
+
+@torch.no_grad()
+def qwen_vit(model, inputs) -> dict[int, dict[str, list[torch.Tensor]]]:
+    """Per vision block of the unpatched eager Qwen2.5-VL: ``{"received": [H, N] per image,
+    "keys": [N, hd] per image}`` from the probabilities and keys its eager attention computes chunk by
+    chunk (recorded through an ``AttentionInterface``), put back in the merger's token order."""
+    from transformers import AttentionInterface
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+    from transformers.vision_utils import get_vision_window_index
+
+    visual = model.model.visual
+    record: list = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        out, weights = eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        record.append((module, weights[0], key[0]))  # [H, n, n], [H, n, hd] of one chunk
+        return out, weights
+
+    AttentionInterface.register("record_eager", recording)
+    visual.config._attn_implementation = "record_eager"
+    try:
+        model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    finally:
+        visual.config._attn_implementation = "eager"
+    thw = inputs["image_grid_thw"]
+    window_index, _ = get_vision_window_index(thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+    reverse, sizes = torch.argsort(window_index), (thw.prod(-1) // 4).tolist()
+    out = {}
+    for b, blk in enumerate(visual.blocks):
+        chunks = [(w, k) for m, w, k in record if m is blk.attn]
+        received = torch.cat([w.float().sum(dim=1) for w, _ in chunks], dim=-1)  # [H, S], window order
+        keys = torch.cat([k for _, k in chunks], dim=1).float().mean(dim=0)  # [S, hd]
+        received = received.view(received.shape[0], -1, 4).mean(-1)[:, reverse]  # 2x2 units, token order
+        keys = keys.view(-1, 4, keys.shape[-1]).mean(1)[reverse]
+        out[b] = {"received": list(received.split(sizes, dim=-1)), "keys": list(keys.split(sizes))}
+    return out
+
+
+@torch.no_grad()
+def internvl_vit(model, inputs) -> dict[int, dict[str, torch.Tensor]]:
+    """Per InternViT layer of the unpatched eager model: ``{"received": [tiles, H, 16], "keys":
+    [tiles, 16, hd]}``: its ``attentions`` summed over the query rows ([CLS] column dropped) and its
+    ``k_norm`` outputs averaged over heads, each averaged over the patches that
+    ``InternVLModel.pixel_shuffle`` puts into one token (found by shuffling patch indices)."""
+    layers = model.model.vision_tower.encoder.layer
+    keys = {}
+    hooks = [l.attention.k_norm.register_forward_hook(lambda m, a, o, i=i: keys.__setitem__(i, o)) for i, l in enumerate(layers)]
+    out = model.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True)
+    for h in hooks:
+        h.remove()
+    side = math.isqrt(out.attentions[0].shape[-1] - 1)
+    members = model.model.pixel_shuffle(torch.arange(float(side * side)).view(1, side, side, 1), 0.5).reshape(-1, 4).long()
+    heads = model.config.vision_config.num_attention_heads
+    result = {}
+    for i, attn in enumerate(out.attentions):
+        received = attn.float().sum(dim=-2)[..., 1:]  # [tiles, H, P]
+        k = keys[i].view(*keys[i].shape[:2], heads, -1).float().mean(dim=2)[:, 1:]  # [tiles, P, hd]
+        result[i] = {"received": received[..., members].mean(-1), "keys": k[:, members].mean(2)}
+    return result
+
+
+def tiles_of(t: torch.Tensor, start: int, count: int, dim: int) -> torch.Tensor:
+    return torch.cat(list(t[start : start + count]), dim=dim)
+
+
+# Which layered needs each test configuration reads, with PRUNE_ARGS for the tiny 2-layer ViTs
+# (LLaVA: CLIP layer 0 is the feature layer -2; Qwen: block 0 a window block, block 1 full).
+CAPTURE_CASES = [
+    ("qwen2_5_vl", "visionzip_pre_llm", "", {"vit_attention_received": (-1,), "vit_unit_keys": (-1,)}),
+    ("internvl", "visionzip_pre_llm", "", {"vit_attention_received": (-1,), "vit_unit_keys": (-1,)}),
+]
+
+
+def expected_inputs(family: str, eager, inputs, need: str, layer: int, img: int, n_img: int) -> torch.Tensor:
+    """Image ``img``'s ``ctx[need][layer]`` computed from the unpatched eager model."""
+    if family == "llava":
+        attn = llava_vit(eager, inputs)[layer]  # [B, H, 1+N, 1+N]
+        return attn[img].sum(dim=-2)[:, 1:] if need == "vit_attention_received" else attn[img, :, 0, 1:]
+    if family == "qwen2_5_vl":
+        ref = qwen_vit(eager, inputs)[layer % len(eager.model.visual.blocks)]
+        return ref["received" if need == "vit_attention_received" else "keys"][img]
+    ref = internvl_vit(eager, inputs)[layer % len(eager.model.vision_tower.encoder.layer)]
+    tiles = inputs["pixel_values"].shape[0] // n_img  # the 2img prompt's images have 4 and 3 tiles
+    start, count = (0, 4) if img == 0 else (4, 3)
+    if need == "vit_attention_received":
+        return tiles_of(ref["received"], start, count, -1)
+    return tiles_of(ref["keys"], start, count, 0)
+
+
+@pytest.mark.parametrize("family, method, args, layered", CAPTURE_CASES, ids=[f"{c[1]}-{c[0]}" for c in CAPTURE_CASES])
+@torch.no_grad()
+def test_captured_vit_inputs_equal_the_unpatched_models_eager_attention(monkeypatch, family, method, args, layered):
+    """One vision pass under sdpa: the hooks' tensors equal what the unpatched model's eager attention
+    gives, per image (Qwen: two images in one packed pass, a window block and a full one; InternVL:
+    4 + 3 tiles), and only the configured method's needs are captured."""
+    from families import FAMILIES, cfg, spy_on
+
+    spec = FAMILIES[family]
+    eager = spec.build(seed=4, attn="eager")
+    inputs = spec.inputs("2img", seed=4)
+    model = spec.build(seed=4)  # the same weights, sdpa
+    captured: list[set] = []
+    fn = get_method(method).fn
+
+    def select(ctx, keep, **args):
+        captured.append(set(model._prune_state.vision))
+        return fn(ctx, keep, **args)
+
+    seen = spy_on(monkeypatch, method, select=select)
+    env = dict(KEEP_RATIO=0.5, PRUNE_METHOD=method, **({"PRUNE_ARGS": args} if args else {}))
+    spec.module.patch(model, cfg(**env))
+    model(**inputs)
+    pre = [ctx for ctx in seen if ctx.stage == "pre_llm"]
+    assert len(pre) == 2 and [ctx.family for ctx in pre] == [family] * 2
+    for img, ctx in enumerate(pre):
+        assert set(ctx.extras) == set(get_method(method).needs_for(family, "pre_llm"))
+        for need, layers in layered.items():
+            assert set(ctx[need]) == set(layers)
+            for layer in layers:
+                expected = expected_inputs(family, eager, inputs, need, layer, img, 2)
+                torch.testing.assert_close(ctx[need][layer], expected, rtol=1e-5, atol=1e-6)
+    wanted = set(layered) | ({"vit_projector"} if family == "llava" else set())
+    assert all(keys <= wanted for keys in captured), captured
+
+
+# ----------------------------------------------------------------- through the engine, end to end
+@torch.no_grad()
+def image_features(family: str, model, inputs) -> list[torch.Tensor]:
+    """The unpatched model's projected visual tokens, ``[N, D]`` per image of the 2img prompt."""
+    inner = model.model
+    if family == "qwen2_5_vl":
+        return list(inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+    feats = inner.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    if family == "llava":
+        return list(feats)
+    return [tiles_of(feats, 0, 4, 0), tiles_of(feats, 4, 3, 0)]  # InternVL: 4 + 3 tiles
+
+
+def expected_pre_llm(family: str, method: str, eager, inputs, ratio: float, args: dict) -> list[tuple[list[int], dict]]:
+    """Per image: ``(kept token indices, {token: LLM-space feature replacing its own})`` from the
+    pure functions on the unpatched eager model's tensors (the rules are the hand-checked ones above)."""
+    feats = image_features(family, eager, inputs)
+    grids = {"llava": [(1, 4, 4)] * 2, "qwen2_5_vl": [(1, 4, 2), (1, 2, 4)], "internvl": [(4, 4, 4), (3, 4, 4)]}[family]
+    out = []
+    for img, (x, grid) in enumerate(zip(feats, grids)):
+        n = x.shape[0]
+
+        def get(need, layer):
+            return expected_inputs(family, eager, inputs, need, layer, img, 2).double()
+
+        if method == "visionzip_pre_llm":
+            idx, merged = visionzip_qwen_select(x, get("vit_attention_received", -1).mean(0), get("vit_unit_keys", -1), ratio)
+            out.append((sorted(idx.tolist()), dict(zip(idx.tolist(), merged))))
+    return out
+
+
+E2E_CASES = [
+    ("qwen2_5_vl", "visionzip_pre_llm", ""),
+    ("internvl", "visionzip_pre_llm", ""),
+]
+
+
+@pytest.mark.parametrize("family, method, args", E2E_CASES, ids=[f"{c[1]}-{c[0]}" for c in E2E_CASES])
+@torch.no_grad()
+def test_pruned_run_equals_the_unpatched_model_on_the_pruned_sequence(family, method, args):
+    """The pre-LLM selection (and merged tokens) equals the pure functions on the unpatched eager
+    model's tensors; prefill logits and every decode step equal the unpatched model run without cache
+    on the same sequence (merged tokens written into their slots; VScan's second cut at the middle
+    layer), kept tokens at their original position ids."""
+    from families import FAMILIES, cfg, check_against_reference, greedy
+    from reference import drops_from_trace
+
+    spec = FAMILIES[family]
+    ratio = 0.5
+    parsed = dict(a.split("=") for a in args.split(",") if a)
+    eager = spec.build(seed=6, attn="eager")
+    inputs = spec.inputs("2img", seed=6)
+    image = torch.nonzero(inputs["input_ids"][0] == eager.config.image_token_id).flatten()
+    starts = [0, {"llava": 16, "qwen2_5_vl": 8, "internvl": 64}[family]]
+    kept, replaced = [], {}
+    for img, (tokens, merged) in enumerate(expected_pre_llm(family, method, eager, inputs, ratio, parsed)):
+        kept += image[starts[img] + torch.tensor(tokens, dtype=torch.long)].tolist()
+        replaced.update({int(image[starts[img] + t]): f for t, f in merged.items()})
+
+    model = spec.build(seed=6)
+    spec.module.patch(model, cfg(KEEP_RATIO=ratio, PRUNE_METHOD=method, **({"PRUNE_ARGS": args} if args else {})))
+    prefill_logits = model(**inputs).logits[0]
+    trace = list(model.prune_trace)
+    assert trace[0].stage == "pre_llm" and trace[0].kept == sorted(kept)
+
+    class MergedRef(spec.ref):
+        @staticmethod
+        def embed(model, inputs, ids):
+            emb = spec.ref.embed(model, inputs, ids).clone()
+            for pos, feature in replaced.items():
+                emb[0, pos] = feature
+            return emb
+
+    seq, steps = greedy(model, inputs)
+    assert [e.kept for e in model.prune_trace] == [e.kept for e in trace]
+    spec.module.unpatch(model)
+    check_against_reference(MergedRef, model, inputs, seq, steps, drops_from_trace(trace), prefill_logits)
+
+
+# ----------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize("method", ["visionzip_pre_llm"])
+def test_a_family_the_port_does_not_cover_is_refused(method):
+    # Every family here has a port (InternVL: ours); a new one (LLaVA-NeXT, base image + crops) is
+    # refused by the configuration until its per-crop rules are written (docs/methods_vit.md).
+    from families import cfg
+
+    c = cfg(KEEP_RATIO=0.111, PRUNE_METHOD=method).for_model(32)
+    with pytest.raises(ValueError, match=f"{method} does not apply to llava_next .*supports llava, qwen2_5_vl, internvl"):
+        c.validate_for(32, "llava_next")
+
