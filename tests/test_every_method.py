@@ -11,6 +11,8 @@ from families import FAMILIES, cfg
 PAIRS = [(m, f) for m in methods.names() for f in FAMILIES]
 # Hybrid methods (one name, several events) run their schedule on the 4-layer tiny decoders.
 HYBRID_ARGS = {"sparsevlm": "layers=0/1/2", "mustdrop": "layers=0/1/2,window=2"}  # 2x2 windows: the tiny 4x4 CLIP grid
+# Methods whose default ViT layers the tiny 2-layer vision towers do not have.
+METHOD_ARGS = {"hiprune_pre_llm": "object_layer=1"}
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,8 @@ def test_method_runs_on_family(models, method, family):
         env = dict(KEEP_RATIO=ratio, PRUNE_METHOD=method, PRUNE_ARGS=HYBRID_ARGS[method])
     elif m.stage == "pre_llm":
         env = dict(KEEP_RATIO=ratio, PRUNE_METHOD_PRE_LLM=method)
+        if method in METHOD_ARGS:
+            env["PRUNE_ARGS"] = METHOD_ARGS[method]
     else:
         env = dict(INTRA_LLM_LAYER_SPECS=f"2:{method}" + (f":{ratio}" if m.uses_ratio else ""))
     if m.families is not None and family not in m.families:

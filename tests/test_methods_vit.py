@@ -1,4 +1,4 @@
-"""VisionZip (Qwen2.5-VL / InternVL path): hand-derived selections, the ViT inputs
+"""VisionZip (Qwen2.5-VL / InternVL path) and HiPrune: hand-derived selections, the ViT inputs
 the engine captures against the unpatched models' eager attention, and runs through the engine
 against the no-cache reference (tests/families.py, tests/reference.py).
 
@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import methods
 from methods import PruneContext, check_selection, get_method
+from methods.hiprune import hiprune_select
 from methods.visionzip import visionzip_qwen_select
 
 F64 = torch.float64
@@ -111,6 +112,87 @@ def test_visionzip_qwen_selection_makes_no_host_sync():
     assert counter.count == 0
 
 
+# ------------------------------------------------------------------------------------------ HiPrune
+def hiprune_example():
+    # A 4 x 4 grid (w = 4), T = 10. Object scores: 5 (0.9) > 3 (0.8) > 15 (0.7) > the rest.
+    shallow = torch.full((16,), 0.01, dtype=F64)
+    shallow[[5, 3, 15]] = torch.tensor([0.9, 0.8, 0.7], dtype=F64)
+    return shallow
+
+
+def test_hiprune_hand_checked_flat_buffers_and_registers():
+    # alpha = 1.25: anchors round(10 * 1.25 / 5) = round(2.5) = 2 (half to even; half up would be 3):
+    # tokens 5 and 3. Buffers, flat +-1 / +-w clamped to [0, 15]: 5 -> 5, 4, 6, 1, 9; 3 -> 3, 2, 4
+    # (3 + 1: the next row's first token, no row-wrap check), -1 -> 0 (clamped), 7. Unique: {0, 1,
+    # 2, 3, 4, 5, 6, 7, 9}, 9 tokens -> 10 - 9 = 1 register. Deep scores (means, <= 1): token 2 (a
+    # buffer) 0.95 -> -0.05 after "- 1", token 12 0.5 -> the register is 12.
+    deep = torch.full((16,), 0.01, dtype=F64)
+    deep[2], deep[12] = 0.95, 0.5
+    kept = hiprune_select(hiprune_example(), deep, keep=10, width=4, alpha=1.25)
+    assert kept.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 9, 12]
+
+
+def test_hiprune_qwen_scale_lets_a_buffer_be_picked_again():
+    # The Qwen scores are SUMS over the queries: token 2's 3.0 - 1 = 2.0 still beats token 12's 1.5,
+    # so the one register is buffer 2 again and the image keeps 9 tokens, not T = 10 (the original's
+    # select_mask[retain] collapses the duplicate).
+    deep = torch.full((16,), 0.2, dtype=F64)
+    deep[2], deep[12] = 3.0, 1.5
+    kept = hiprune_select(hiprune_example(), deep, keep=10, width=4, alpha=1.25)
+    assert kept.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 9]
+
+
+def literal_hiprune(shallow: list[float], deep: list[float], t: int, width: int, alpha: float) -> set[int]:
+    """The original's selection rule, one token at a time, written out from its description."""
+    n = len(shallow)
+    anchors = sorted(range(n), key=lambda i: -shallow[i])[: round(t * alpha / 5)]
+    buffers = {min(max(i + d, 0), n - 1) for i in anchors for d in (0, -1, 1, -width, width)}
+    scores = [deep[i] - (1 if i in buffers else 0) for i in range(n)]
+    registers = sorted(range(n), key=lambda i: -scores[i])[: t - len(buffers)]
+    return buffers | set(registers)
+
+
+@pytest.mark.parametrize("n, width, t", [(576, 24, 192), (576, 24, 64), (1036, 37, 231), (80, 10, 40)])
+def test_hiprune_equals_the_rule_written_out(n, width, t):
+    g = torch.Generator().manual_seed(n + t)
+    shallow, deep = torch.rand(n, generator=g, dtype=F64), torch.rand(n, generator=g, dtype=F64) * 3
+    kept = hiprune_select(shallow, deep, t, width, 0.1)
+    assert set(kept.tolist()) == literal_hiprune(shallow.tolist(), deep.tolist(), t, width, 0.1)
+
+
+def test_hiprune_registered_per_family():
+    # Received sums over the query rows, 2 heads. LLaVA: divided by the 1 + N = 17 query rows -> the
+    # means of hiprune_example (deep: token 2 0.95, 12 0.5), keep = T = 10, alpha 1.25: as the hand
+    # example, 10 tokens. Qwen: the same sums are used as they are (T = round(16 * 0.625) = 10):
+    # token 2's 0.95 * 17 - 1 still wins, 9 tokens. Layers: the default object layer 9 (LLaVA,
+    # attentions[8]) / 16 (Qwen, block 15) and the deep layer -2 / -1.
+    shallow = hiprune_example()
+    deep = torch.full((16,), 0.01, dtype=F64)
+    deep[2], deep[12] = 0.95, 0.5
+    heads = lambda v: torch.stack([v * 17 * 1.5, v * 17 * 0.5])  # noqa: E731 (head mean = v * 17)
+    llava = ctx_for(torch.zeros(16, 1), family="llava", grid=(1, 4, 4), vit_attention_received={8: heads(shallow), -2: heads(deep)})
+    idx, _ = run("hiprune_pre_llm", llava, 10, alpha=1.25)
+    assert idx.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 9, 12]
+    qwen = ctx_for(
+        torch.zeros(16, 1), family="qwen2_5_vl", ratio=0.625, grid=(1, 4, 4),
+        vit_attention_received={15: heads(shallow), -1: heads(deep)},
+    )
+    idx, _ = run("hiprune_pre_llm", qwen, methods.budget(16, 0.625), alpha=1.25)
+    assert idx.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 9]
+    # Qwen's T is round() of N * r, half to even: 16 * 0.53125 = 8.5 -> 8 (budget() would give 9).
+    qwen = ctx_for(torch.zeros(16, 1), family="qwen2_5_vl", ratio=0.53125, grid=(1, 4, 4),
+                   vit_attention_received={15: heads(shallow), -1: heads(torch.rand(16, dtype=F64) * 0.1)})
+    idx, _ = run("hiprune_pre_llm", qwen, methods.budget(16, 0.53125), alpha=0.1)
+    assert idx.numel() == 8
+
+
+def test_hiprune_makes_two_host_syncs_an_image():
+    shallow, deep = torch.rand(576, dtype=F64), torch.rand(576, dtype=F64)
+    with SyncCounter() as counter:
+        hiprune_select(shallow, deep, 192, 24, 0.1)
+    assert counter.count == 2  # the deduplicated buffer count, and the kept mask to indices
+
+
 # --------------------------------------------------------------- the unpatched models' own tensors
 @torch.no_grad()
 def llava_vit(model, inputs) -> tuple[tuple, torch.Tensor]:
@@ -186,8 +268,11 @@ def tiles_of(t: torch.Tensor, start: int, count: int, dim: int) -> torch.Tensor:
 # Which layered needs each test configuration reads, with PRUNE_ARGS for the tiny 2-layer ViTs
 # (LLaVA: CLIP layer 0 is the feature layer -2; Qwen: block 0 a window block, block 1 full).
 CAPTURE_CASES = [
+    ("llava", "hiprune_pre_llm", "object_layer=2", {"vit_attention_received": (1, -2)}),
     ("qwen2_5_vl", "visionzip_pre_llm", "", {"vit_attention_received": (-1,), "vit_unit_keys": (-1,)}),
+    ("qwen2_5_vl", "hiprune_pre_llm", "object_layer=1", {"vit_attention_received": (0, -1)}),
     ("internvl", "visionzip_pre_llm", "", {"vit_attention_received": (-1,), "vit_unit_keys": (-1,)}),
+    ("internvl", "hiprune_pre_llm", "object_layer=1", {"vit_attention_received": (0, -1)}),
 ]
 
 
@@ -271,12 +356,23 @@ def expected_pre_llm(family: str, method: str, eager, inputs, ratio: float, args
         if method == "visionzip_pre_llm":
             idx, merged = visionzip_qwen_select(x, get("vit_attention_received", -1).mean(0), get("vit_unit_keys", -1), ratio)
             out.append((sorted(idx.tolist()), dict(zip(idx.tolist(), merged))))
+        elif method == "hiprune_pre_llm":
+            obj = int(args["object_layer"]) - 1
+            deep_layer = -2 if family == "llava" else -1
+            shallow, deep = get("vit_attention_received", obj).mean(0), get("vit_attention_received", deep_layer).mean(0)
+            rows = {"llava": n + 1, "internvl": 65, "qwen2_5_vl": 1}[family]  # mean over query rows (Qwen: sums)
+            t = round(n * ratio) if family == "qwen2_5_vl" else methods.budget(n, ratio)
+            kept = hiprune_select(shallow / rows, deep / rows, t, grid[2], 0.1)
+            out.append((kept.tolist(), {}))
     return out
 
 
 E2E_CASES = [
     ("qwen2_5_vl", "visionzip_pre_llm", ""),
     ("internvl", "visionzip_pre_llm", ""),
+    ("llava", "hiprune_pre_llm", "object_layer=2"),
+    ("qwen2_5_vl", "hiprune_pre_llm", "object_layer=1"),
+    ("internvl", "hiprune_pre_llm", "object_layer=1"),
 ]
 
 
@@ -323,7 +419,7 @@ def test_pruned_run_equals_the_unpatched_model_on_the_pruned_sequence(family, me
 
 
 # ----------------------------------------------------------------------------- configuration
-@pytest.mark.parametrize("method", ["visionzip_pre_llm"])
+@pytest.mark.parametrize("method", ["visionzip_pre_llm", "hiprune_pre_llm"])
 def test_a_family_the_port_does_not_cover_is_refused(method):
     # Every family here has a port (InternVL: ours); a new one (LLaVA-NeXT, base image + crops) is
     # refused by the configuration until its per-crop rules are written (docs/methods_vit.md).
@@ -333,3 +429,11 @@ def test_a_family_the_port_does_not_cover_is_refused(method):
     with pytest.raises(ValueError, match=f"{method} does not apply to llava_next .*supports llava, qwen2_5_vl, internvl"):
         c.validate_for(32, "llava_next")
 
+
+def test_a_vit_layer_the_tower_lacks_is_a_clear_error():
+    from families import FAMILIES, cfg
+
+    spec = FAMILIES["llava"]
+    model = spec.module.patch(spec.build(), cfg(KEEP_RATIO=0.5, PRUNE_METHOD="hiprune_pre_llm"))
+    with pytest.raises(ValueError, match="ViT layer 8 does not exist in this 2-layer vision tower .* PRUNE_ARGS"):
+        model(**spec.inputs("1img"))
