@@ -1,4 +1,4 @@
-"""VisionZip (Qwen2.5-VL / InternVL path) and HiPrune: hand-derived selections, the ViT inputs
+"""VisionZip (Qwen2.5-VL / InternVL path), HiPrune and VScan: hand-derived selections, the ViT inputs
 the engine captures against the unpatched models' eager attention, and runs through the engine
 against the no-cache reference (tests/families.py, tests/reference.py).
 
@@ -18,6 +18,7 @@ import methods
 from methods import PruneContext, check_selection, get_method
 from methods.hiprune import hiprune_select
 from methods.visionzip import visionzip_qwen_select
+from methods.vscan import vscan_merge, vscan_schedule, vscan_window_select, vscan_window_topk
 
 F64 = torch.float64
 
@@ -193,6 +194,140 @@ def test_hiprune_makes_two_host_syncs_an_image():
     assert counter.count == 2  # the deduplicated buffer count, and the kept mask to indices
 
 
+# -------------------------------------------------------------------------------------------- VScan
+def test_vscan_llava_window_topk_hand_checked():
+    # A 4 x 4 grid in 2 x 2 windows, local budget 4 -> k = 4 // 4 = 1 a window:
+    # window (0, 0) = tokens 0, 1, 4, 5 -> 1 (0.9); (0, 1) = 2, 3, 6, 7 -> 7 (0.8);
+    # (1, 0) = 8, 9, 12, 13 -> 8 (0.5); (1, 1) = 10, 11, 14, 15 -> 15 (0.7).
+    scores = torch.tensor([.1, .9, .2, .3, .4, .2, .1, .8, .5, .1, .6, .2, .1, .3, .2, .7], dtype=F64)
+    assert vscan_window_topk(scores, (4, 4), 4, window=2).tolist() == [1, 7, 8, 15]
+    # Local budget 7 -> k = 7 // 4 = 1 still (the original floors per window): 4 tokens.
+    assert vscan_window_topk(scores, (4, 4), 7, window=2).numel() == 4
+
+
+@pytest.mark.parametrize("t, kept", [(96, 96), (100, 98), (40, 36), (192, 192), (64, 64)])
+def test_vscan_llava_stage1_counts(t, kept):
+    # local (int(T / 2) // 16) * 16 on the 24 x 24 grid's 16 windows of 6 x 6, global T - int(T / 2)
+    # after the local ones are zeroed: T = 100 keeps 48 + 50 = 98, T = 40 keeps 16 + 20 = 36.
+    g = torch.Generator().manual_seed(t)
+    local, global_ = torch.rand(2, 576, generator=g, dtype=F64) + 0.01
+    ctx = ctx_for(torch.randn(576, 3, generator=g, dtype=F64), family="llava", grid=(1, 24, 24),
+                  vit_cls_rows={5: local.expand(2, -1), -2: global_.expand(2, -1)})
+    idx, feats = run("vscan", ctx, t)
+    assert idx.numel() == feats.shape[0] == kept
+    local_idx = vscan_window_topk(local, (24, 24), t // 2, 6)
+    assert local_idx.numel() == (t // 2) // 16 * 16 and set(local_idx.tolist()) <= set(idx.tolist())
+
+
+def test_vscan_llava_stage1_hand_checked():
+    # T = 8 on the 4 x 4 example (window 2): local = [1, 7, 8, 15] (test above), global T - int(T / 2)
+    # = 4 from the global scores with the local ones zeroed: 1 (0.99 -> 0) and 7 (0.65 -> 0) drop
+    # out, so 10 (0.8), 3 (0.7), 14 (0.6), 5 (0.5). Kept: {1, 3, 5, 7, 8, 10, 14, 15}.
+    local = torch.tensor([.1, .9, .2, .3, .4, .2, .1, .8, .5, .1, .6, .2, .1, .3, .2, .7], dtype=F64)
+    global_ = torch.full((16,), 0.1, dtype=F64)
+    global_[[1, 10, 3, 7, 14, 5]] = torch.tensor([.99, .8, .7, .65, .6, .5], dtype=F64)
+    ctx = ctx_for(torch.randn(16, 2, dtype=F64), family="llava", grid=(1, 4, 4),
+                  vit_cls_rows={0: local.expand(2, -1), 1: global_.expand(2, -1)})
+    idx, _ = run("vscan", ctx, 8, local_layer=0, global_layer=1, window=2)
+    assert idx.tolist() == [1, 3, 5, 7, 8, 10, 14, 15]
+
+
+def test_vscan_qwen_window_select_hand_checked():
+    # A 5 x 5 merged grid, windows of 2: floor(5 / 2) = 2 a side -> 4 windows; row 4 and column 4
+    # join the last window of their column / row: W0 = rows 0-1 x cols 0-1, W1 = rows 0-1 x cols
+    # 2-4, W2 = rows 2-4 x cols 0-1, W3 = rows 2-4 x cols 2-4. 6 local tokens: limit ceil(6 / 4) = 2.
+    # Descending: 24 (W3, taken), 18 (W3, taken), 12 (W3 full: skipped), 0 (W0), 4 (row 0, col 4:
+    # W1), 20 (row 4, col 0: W2), 1 (W0, its second) -> 6 taken: [24, 18, 0, 4, 20, 1].
+    scores = torch.linspace(0.01, 0.2, 25, dtype=F64)
+    scores[[24, 18, 12, 0, 4, 20, 1, 2]] = torch.tensor([.99, .98, .97, .9, .85, .8, .7, .6], dtype=F64)
+    assert vscan_window_select(scores, (1, 5, 5), 6, window=2).tolist() == [24, 18, 0, 4, 20, 1]
+
+
+def literal_window_select(scores: list[float], h: int, w: int, k: int, window: int) -> list[int]:
+    """The original's greedy loop (``window_selection``), token by token, written out from its rules."""
+    nh, nw = h // window, w // window
+    limit = math.ceil(k / (nh * nw))
+    count: dict[tuple[int, int], int] = {}
+    out: list[int] = []
+    for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
+        x, y = min((i // w) // window, nh - 1), min((i % w) // window, nw - 1)
+        if count.get((x, y), 0) < limit:
+            count[(x, y)] = count.get((x, y), 0) + 1
+            out.append(i)
+        if len(out) == k:
+            break
+    return out
+
+
+@pytest.mark.parametrize("h, w, k", [(24, 36, 72), (17, 23, 60), (9, 9, 40), (37, 28, 86), (8, 8, 5)])
+def test_vscan_qwen_window_select_equals_the_greedy_loop(h, w, k):
+    g = torch.Generator().manual_seed(h * w + k)
+    scores = torch.rand(h * w, generator=g, dtype=F64)
+    assert vscan_window_select(scores, (1, h, w), k, 4).tolist() == literal_window_select(scores.tolist(), h, w, k, 4)
+
+
+def test_vscan_window_select_fills_up_where_the_windows_cannot_give_enough():
+    # A 4 x 9 grid, window 4: floor(4/4) x floor(9/4) = 1 x 2 windows, W0 = columns 0-3 (16 tokens),
+    # W1 = columns 4-8 (20, the leftover column joins it). 34 tokens: limit ceil(34 / 2) = 17, but W0
+    # has 16, so the greedy ends at 16 + 17 = 33 (the original's assertion fails). Ours takes the
+    # best remaining token next: W1's 18th. Kept: everything but W1's two lowest.
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(36, generator=g, dtype=F64)
+    w1 = [i for i in range(36) if i % 9 >= 4]
+    lowest = sorted(w1, key=lambda i: float(scores[i]))[:2]
+    got = vscan_window_select(scores, (1, 4, 9), 34, 4)
+    assert sorted(got.tolist()) == sorted(set(range(36)) - set(lowest))
+
+
+def test_vscan_merge_hand_checked():
+    # Kept 0 = (1, 0) and 1 = (0, 2). Token 2 = (2, 0.2) is closest to 0, 3 = (0.1, 3) to 1, 4 = (1, 1)
+    # ties (cos 0.7071 with both): argmax takes the first kept, 0. Means: (x0 + x2 + x4) / 3 =
+    # (4/3, 0.4), (x1 + x3) / 2 = (0.05, 2.5).
+    x = torch.tensor([[1, 0], [0, 2], [2, 0.2], [0.1, 3], [1, 1]], dtype=F64)
+    torch.testing.assert_close(vscan_merge(x, torch.tensor([0, 1])), torch.tensor([[4 / 3, 0.4], [0.05, 2.5]], dtype=F64))
+
+
+def test_vscan_qwen_stage1_and_llm_stage_counts():
+    # Qwen: T = int(0.5 * 16) = 8, local T // 2 = 4 (4 x 4 grid, window 2: one a window), global 4
+    # after zeroing: 8 distinct. LLM stage: int(0.333 * current) of the no-RoPE attention (head mean).
+    g = torch.Generator().manual_seed(3)
+    local, global_ = torch.rand(2, 2, 16, generator=g, dtype=F64) + 0.01
+    ctx = ctx_for(torch.randn(16, 3, generator=g, dtype=F64), family="qwen2_5_vl", ratio=0.5, grid=(1, 4, 4),
+                  vit_attention_received={7: local, -1: global_})
+    idx, _ = run("vscan", ctx, methods.budget(16, 0.5), window=2)
+    assert idx.numel() == 8
+    attn = torch.rand(4, 12, generator=g, dtype=F64)
+    llm = ctx_for(torch.randn(12, 3, dtype=F64), family="qwen2_5_vl", ratio=0.25, stage="intra_llm",
+                  last_query_attention_self_norope=attn)
+    idx, _ = run("vscan", llm, 4)
+    assert idx.tolist() == sorted(attn.mean(0).topk(int(0.333 * 12)).indices.tolist())  # int(3.996) = 3
+    llava = ctx_for(torch.randn(12, 3, dtype=F64), family="llava", ratio=0.25, stage="intra_llm", last_query_attention_self=attn)
+    idx, _ = run("vscan", llava, 4)  # LLaVA: the absolute budget (image_token_list)
+    assert idx.tolist() == sorted(attn.mean(0).topk(4).indices.tolist())
+
+
+def test_vscan_stage1_makes_one_host_sync_an_image():
+    g = torch.Generator().manual_seed(5)
+    local, global_ = torch.rand(2, 2, 1036, generator=g, dtype=F64)
+    ctx = ctx_for(torch.randn(1036, 8, generator=g, dtype=F64), family="qwen2_5_vl", ratio=0.167, grid=(1, 28, 37),
+                  vit_attention_received={7: local, -1: global_})
+    with SyncCounter() as counter:
+        get_method("vscan").fn(ctx, 173)
+    assert counter.count == 1  # the kept mask to indices; scans and merge are tensor ops
+
+
+@pytest.mark.parametrize("r, vit, llm, vit_576, llm_576", [
+    # KEEP_RATIO = the average over the decoder's layers: the ViT stage at round(1.5 r, 3), the LLM
+    # stage at r / 2 of the original count: the original's 96 -> 32 (LLaVA "64 tokens"), Qwen 0.167.
+    (0.111, 0.167, 0.0555, 96, 32), (0.222, 0.333, 0.111, 192, 64), (0.333, 0.5, 0.1665, 288, 96),
+])
+def test_vscan_schedule_maps_keep_ratio_onto_the_originals_budgets(r, vit, llm, vit_576, llm_576):
+    m = get_method("vscan")
+    events, args = vscan_schedule(r, dict(m.params))
+    assert events == ((None, vit), (methods.MIDDLE_LAYER, llm)) and args == {}
+    assert methods.budget(576, vit) == vit_576 and methods.budget(576, llm) == llm_576
+
+
 # --------------------------------------------------------------- the unpatched models' own tensors
 @torch.no_grad()
 def llava_vit(model, inputs) -> tuple[tuple, torch.Tensor]:
@@ -269,10 +404,13 @@ def tiles_of(t: torch.Tensor, start: int, count: int, dim: int) -> torch.Tensor:
 # (LLaVA: CLIP layer 0 is the feature layer -2; Qwen: block 0 a window block, block 1 full).
 CAPTURE_CASES = [
     ("llava", "hiprune_pre_llm", "object_layer=2", {"vit_attention_received": (1, -2)}),
+    ("llava", "vscan", "local_layer=1,window=2", {"vit_cls_rows": (1, -2)}),
     ("qwen2_5_vl", "visionzip_pre_llm", "", {"vit_attention_received": (-1,), "vit_unit_keys": (-1,)}),
     ("qwen2_5_vl", "hiprune_pre_llm", "object_layer=1", {"vit_attention_received": (0, -1)}),
+    ("qwen2_5_vl", "vscan", "local_layer=0,window=1", {"vit_attention_received": (0, -1)}),
     ("internvl", "visionzip_pre_llm", "", {"vit_attention_received": (-1,), "vit_unit_keys": (-1,)}),
     ("internvl", "hiprune_pre_llm", "object_layer=1", {"vit_attention_received": (0, -1)}),
+    ("internvl", "vscan", "local_layer=0,window=2", {"vit_attention_received": (0, -1)}),
 ]
 
 
@@ -364,6 +502,23 @@ def expected_pre_llm(family: str, method: str, eager, inputs, ratio: float, args
             t = round(n * ratio) if family == "qwen2_5_vl" else methods.budget(n, ratio)
             kept = hiprune_select(shallow / rows, deep / rows, t, grid[2], 0.1)
             out.append((kept.tolist(), {}))
+        else:  # vscan stage 1 at the ViT ratio round(1.5 r, 3)
+            vit = round(1.5 * ratio + 1e-9, 3)
+            window, local_layer = int(args["window"]), int(args["local_layer"])
+            if family == "llava":
+                local = get("vit_cls_rows", local_layer).mean(0)
+                glob = get("vit_cls_rows", -2).mean(0)
+                t = methods.budget(n, vit)
+                local_idx, n_global = vscan_window_topk(local, grid[1:], int(t * 0.5), window), t - int(t * 0.5)
+            else:
+                local = get("vit_attention_received", local_layer).sum(0)
+                glob = get("vit_attention_received", -1).sum(0)
+                t = int(vit * n)
+                local_idx, n_global = vscan_window_select(local, grid, t // 2, window), t - t // 2
+            glob[local_idx] = 0
+            kept = sorted(set(local_idx.tolist()) | set(glob.topk(n_global).indices.tolist()))
+            merged = vscan_merge(x.double(), torch.tensor(kept)).to(x.dtype)
+            out.append((kept, dict(zip(kept, merged))))
     return out
 
 
@@ -373,6 +528,9 @@ E2E_CASES = [
     ("llava", "hiprune_pre_llm", "object_layer=2"),
     ("qwen2_5_vl", "hiprune_pre_llm", "object_layer=1"),
     ("internvl", "hiprune_pre_llm", "object_layer=1"),
+    ("llava", "vscan", "local_layer=1,window=2"),
+    ("qwen2_5_vl", "vscan", "local_layer=0,window=2"),
+    ("internvl", "vscan", "local_layer=0,window=2"),
 ]
 
 
@@ -403,6 +561,9 @@ def test_pruned_run_equals_the_unpatched_model_on_the_pruned_sequence(family, me
     prefill_logits = model(**inputs).logits[0]
     trace = list(model.prune_trace)
     assert trace[0].stage == "pre_llm" and trace[0].kept == sorted(kept)
+    if method == "vscan":  # the second cut, at the tiny 4-layer decoder's middle layer
+        assert [(e.stage, e.layer) for e in trace] == [("pre_llm", None), ("intra_llm", 2)]
+        assert set(trace[1].kept) < set(trace[0].kept)
 
     class MergedRef(spec.ref):
         @staticmethod
@@ -418,8 +579,74 @@ def test_pruned_run_equals_the_unpatched_model_on_the_pruned_sequence(family, me
     check_against_reference(MergedRef, model, inputs, seq, steps, drops_from_trace(trace), prefill_logits)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@torch.no_grad()
+def test_vscan_llm_stage_scores_with_the_layers_own_qk(monkeypatch, family):
+    """Stage 2 reads the last prompt token's attention from the PRUNING layer's own q/k on its input
+    (PyramidDrop's look-ahead): with RoPE on LLaVA, without it on Qwen2.5-VL (the original's mRoPE line
+    is commented out). Reference: that layer's eager attention module of the unpatched model, given
+    the layer's input and rotary embeddings of the kept tokens' positions (Qwen: cos 1, sin 0)."""
+    from families import FAMILIES, cfg, spy_on
+
+    spec = FAMILIES[family]
+    eager = spec.build(seed=2, attn="eager")
+    inputs = spec.inputs("1img", seed=2)
+    model = spec.build(seed=2)
+    seen = spy_on(monkeypatch, "vscan", select=get_method("vscan").fn)
+    entering: list[torch.Tensor] = []
+    text = model.model.language_model
+    text.layers[1].register_forward_hook(lambda m, a, o: entering.append(o[0] if isinstance(o, tuple) else o))
+    spec.module.patch(model, cfg(KEEP_RATIO=0.5, PRUNE_METHOD="vscan", PRUNE_ARGS="local_layer=0"))
+    model(**inputs)
+    (ctx,) = [c for c in seen if c.stage == "intra_llm"]
+    pre = model.prune_trace[0]
+    ids = inputs["input_ids"][0]
+    visual = ids == eager.config.image_token_id
+    current = sorted(set(torch.nonzero(~visual).flatten().tolist()) | set(pre.kept))  # the sequence at layer 2
+    columns = [current.index(p) for p in pre.kept]
+    h = entering[0]  # [1, L', D]: layer 1's output = layer 2's input, before the cut
+    assert h.shape[1] == len(current)
+    etext = eager.model.language_model
+    n = len(current)
+    if family == "llava":
+        cos, sin = etext.rotary_emb(h, torch.tensor([current]))
+        need = "last_query_attention_self"
+    else:
+        cos = torch.ones(1, n, etext.layers[0].self_attn.head_dim)  # [B, L, hd], as Qwen2_5_VLRotaryEmbedding returns
+        sin = torch.zeros_like(cos)
+        need = "last_query_attention_self_norope"
+    layer = etext.layers[2]
+    mask = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
+    _, weights = layer.self_attn(layer.input_layernorm(h), attention_mask=mask, position_embeddings=(cos, sin))
+    torch.testing.assert_close(ctx[need], weights[0, :, -1, columns], rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- configuration
-@pytest.mark.parametrize("method", ["visionzip_pre_llm", "hiprune_pre_llm"])
+def test_vscan_configuration_one_name_two_stages_middle_layer_per_model():
+    from families import FAMILIES, cfg
+    from utils import ConfigError, LayerSpec
+
+    c = cfg(KEEP_RATIO=0.111, PRUNE_METHOD="vscan")
+    assert (c.pre_method, c.keep_ratio) == ("vscan", 0.167)
+    assert c.intra == (LayerSpec(methods.MIDDLE_LAYER, "vscan", 0.0555),)
+    assert c.tag() == "vscan-r0.167__Lmid-vscan-r0.0555"
+    # The middle layer on each model: LLaVA-1.5-7B's 32 layers -> 16, Qwen2.5-VL-7B's 28 -> 14.
+    assert [c.for_model(n).intra[0].layer for n in (32, 28, 36, 4)] == [16, 14, 18, 2]
+    assert c.for_model(32).tag() == "vscan-r0.167__L16-vscan-r0.0555"
+    pinned = cfg(KEEP_RATIO=0.111, PRUNE_METHOD_INTRA_LLM="vscan", PRUNE_ARGS="llm_layer=14,vit_ratio=0.2")
+    assert (pinned.keep_ratio, pinned.intra[0].layer) == (0.2, 14) and pinned.for_model(32) is pinned
+    spec = FAMILIES["qwen2_5_vl"]
+    model = spec.module.patch(spec.build(), c)
+    assert model._prune_state.config.intra[0].layer == 2  # the tiny decoder's 4 layers
+    with pytest.raises(ConfigError, match="vscan has its own pre-LLM stage"):
+        cfg(KEEP_RATIO=0.111, PRUNE_METHOD_INTRA_LLM="vscan", PRUNE_METHOD_PRE_LLM="divprune_pre_llm")
+    with pytest.raises(ConfigError, match="negative"):
+        cfg(KEEP_RATIO=0.5, INTRA_LLM_LAYER_SPECS="-1:fastv_intra_llm")
+    with pytest.raises(ConfigError, match="llm_layer must be"):
+        cfg(KEEP_RATIO=0.111, PRUNE_METHOD="vscan", PRUNE_ARGS="llm_layer=-3")
+
+
+@pytest.mark.parametrize("method", ["visionzip_pre_llm", "hiprune_pre_llm", "vscan"])
 def test_a_family_the_port_does_not_cover_is_refused(method):
     # Every family here has a port (InternVL: ours); a new one (LLaVA-NeXT, base image + crops) is
     # refused by the configuration until its per-crop rules are written (docs/methods_vit.md).
