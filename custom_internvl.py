@@ -40,6 +40,12 @@ real model; ``ctx.token_index = tile * side**2 + row * side + col``, row-major w
 Pre-LLM pruning acts on the projector's output as it enters the decoder (the ``[N, D]`` rows of
 ``inputs_embeds`` at the context tokens).
 
+ViT inputs (:meth:`InternVLFamily.capture_vision`): InternViT runs each tile as one sequence,
+[CLS] + 32x32 patches (the real model), with full attention; the [CLS] token is dropped and the
+patches are pixel-shuffled 2x2 into the tile's 16x16 LLM tokens. A layer's attention received and
+keys are captured per tile and averaged over each pixel-shuffle unit, so they score LLM tokens;
+:meth:`InternVLFamily.vit_image` puts an image's tiles together in token order.
+
 VLMEvalKit protocol (:mod:`vlm_adapter`): ``InternVLChat`` (version V2.0) runs as is: its custom
 prompts, ``set_max_num`` / ``load_image`` tiling and ``reorganize_prompt``, its generation keywords.
 It calls the ORIGINAL checkpoint's remote-code ``model.chat(...)``, which the HF-native class
@@ -50,6 +56,7 @@ system message, ``<image>`` -> ``<img>`` + ``<IMG_CONTEXT>`` x 256 x tiles + ``<
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -194,6 +201,66 @@ class InternVLFamily(prune_engine.Family):
             tiles, rest = divmod(n, per_tile)
             layout.append((n, (tiles, h, w) if per_tile and tiles and not rest else None))
         return layout
+
+    def capture_vision(self, model: nn.Module, store: dict[str, Any], wanted: Mapping[str, tuple[int, ...]]) -> list[Any]:
+        """Hooks on the InternViT layers the ``wanted`` needs name
+        (``model.model.vision_tower.encoder.layer[layer].attention``, whose input is the layer's
+        ``layernorm_before`` output ``[tiles, 1 + P, C]``). The hook recomputes q and k as
+        ``InternVLVisionAttention.forward`` does (transformers 5.23.0: ``q_proj``/``k_proj``, then
+        ``q_norm``/``k_norm``, heads split; InternViT has no mask and no rotary embedding) and stores,
+        per tile (``[tiles, ...]``):
+
+        * ``vit_attention_received`` ``{layer: [tiles, H, P / s^2]}``: the fp32 softmax probabilities
+          summed over all 1 + P query rows, the [CLS] column dropped, then averaged over each
+          pixel-shuffle unit (``s x s`` patches, ``s = 1 / downsample_ratio``) in the tile's token order
+          (``InternVLModel.pixel_shuffle``: token ``(i, j)`` is patches rows ``s*i..``, columns ``s*j..``);
+        * ``vit_unit_keys`` ``{layer: [tiles, P / s^2, hd]}``: the keys (after ``k_norm``, [CLS] dropped)
+          averaged over heads and over each unit.
+
+        [CLS] needs are not captured: InternVL drops the [CLS] token before the pixel shuffle, so it has
+        no counterpart among the LLM tokens.
+        """
+        received, keys = wanted.get("vit_attention_received", ()), wanted.get("vit_unit_keys", ())
+        if not (received or keys):
+            return []
+        layers = model.model.vision_tower.encoder.layer
+        s = round(1 / model.config.downsample_ratio)
+
+        def units(x: torch.Tensor) -> torch.Tensor:
+            # [..., P, d] patches (row-major) -> [..., P / s^2, d]: the mean over each pixel-shuffle unit.
+            side = math.isqrt(x.shape[-2])
+            x = x.reshape(*x.shape[:-2], side // s, s, side // s, s, x.shape[-1])
+            return x.mean(dim=(-4, -2)).flatten(-3, -2)
+
+        def layered(l: int):
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [T, 1+P, C]
+                t, n, _ = h.shape
+                k = module.k_norm(module.k_proj(h)).view(t, n, module.num_heads, module.head_dim).transpose(1, 2)
+                if l in received:
+                    q = module.q_norm(module.q_proj(h)).view(t, n, module.num_heads, module.head_dim).transpose(1, 2)
+                    # Tile by tile (row blocks inside), so memory stays O(H * block * (1 + P)).
+                    got = torch.stack([prune_engine.received_attention(q[i], k[i], module.scale) for i in range(t)])
+                    got = got[..., 1:]  # [T, H, P]: the [CLS] column dropped
+                    store.setdefault("vit_attention_received", {})[l] = units(got.unsqueeze(-1)).squeeze(-1)
+                if l in keys:
+                    store.setdefault("vit_unit_keys", {})[l] = units(k.float().mean(dim=1)[:, 1:])  # [T, P/s^2, hd]
+
+            return hook
+
+        return [
+            prune_engine.vit_layer(layers, l).attention.register_forward_pre_hook(layered(l), with_kwargs=True)
+            for l in dict.fromkeys(received + keys)
+        ]
+
+    def vit_image(self, items: Any, img: int, segments: list[Any], dim: int = -1) -> torch.Tensor:
+        """Image ``img``'s tiles of a per-tile tensor ``items`` (``[tiles, ...]``), concatenated along
+        the token axis ``dim`` of the per-image result: image ``img`` owns the tiles after those of
+        the images before it (``n_orig / tokens_per_tile`` each), in ``pixel_values`` order."""
+        per_tile = items.shape[1 + dim if dim >= 0 else dim]
+        start = sum(seg.n_orig // per_tile for seg in segments[:img])
+        count = segments[img].n_orig // per_tile
+        return torch.cat(list(items[start : start + count]), dim=dim)
 
 
 FAMILY = InternVLFamily()

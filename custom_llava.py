@@ -123,21 +123,24 @@ class LlavaFamily(prune_engine.Family):
         entry = (h * w, (1, h, w)) if strategy == "default" else (h * w + 1, None)
         return [entry] * pixel_values.shape[0]
 
-    def capture_vision(self, model: nn.Module, store: dict[str, Any]) -> list[Any]:
-        """Hooks on the CLIP layer whose output is ``hidden_states[vision_feature_layer]`` (the
-        feature layer) and on the last CLIP layer; one vision pass serves the model and the method.
+    def capture_vision(self, model: nn.Module, store: dict[str, Any], wanted: Mapping[str, tuple[int, ...]]) -> list[Any]:
+        """Hooks on the CLIP layers the ``wanted`` needs name; one vision pass serves the model and
+        the methods, and only what is wanted is computed.
 
         Per image (leading dimension = image): ``vit_cls_attention`` ``[H, N]``: the [CLS] row of the
-        feature layer's attention probabilities, from its own ``q_proj``/``k_proj`` on its
-        (layer-normed) input, so it equals ``attentions[-2][:, :, 0, 1:]`` of an eager pass, without
-        one; ``vit_feature_keys`` ``[1+N, hd]``: that ``k_proj`` output split into heads and
-        averaged over them (VisionZip's ``metric``); ``vit_features`` ``[N, C]`` /
-        ``vit_cls_feature`` ``[C]``: the feature layer's output without / only CLS (the projector
-        receives the former); ``vit_last_queries`` / ``vit_last_keys`` ``[1+N, C]``: the outputs of
-        the LAST layer's ``q_proj`` / ``k_proj`` modules, as PruMerge's forward hooks read them
-        (CLIP-L: layer 23, which runs although the features come from layer 22).
-        ``vit_projector``: ``multi_modal_projector``; ``vit_post_layernorm``: the tower's own
-        ``post_layernorm`` (CDPruner's CLIP image embeddings); neither is per image.
+        feature layer's (``hidden_states[vision_feature_layer]``) attention probabilities, from its
+        own ``q_proj``/``k_proj`` on its (layer-normed) input, so it equals
+        ``attentions[-2][:, :, 0, 1:]`` of an eager pass, without one; ``vit_feature_keys``
+        ``[1+N, hd]``: that ``k_proj`` output split into heads and averaged over them (VisionZip's
+        ``metric``); ``vit_features`` ``[N, C]`` / ``vit_cls_feature`` ``[C]``: the feature layer's
+        output without / only CLS (the projector receives the former); ``vit_last_queries`` /
+        ``vit_last_keys`` ``[1+N, C]``: the outputs of the LAST layer's ``q_proj`` / ``k_proj``
+        modules, as PruMerge's forward hooks read them (CLIP-L: layer 23, which runs although the
+        features come from layer 22). ``vit_projector``: ``multi_modal_projector``;
+        ``vit_post_layernorm``: the tower's own ``post_layernorm`` (CDPruner's CLIP image embeddings); neither is per image.
+        Layered (``{layer: [n_images, H, N]}``, CLIP layer ``layer`` = ``attentions[layer]``):
+        ``vit_attention_received`` (the probabilities summed over all 1+N query rows, [CLS] column
+        dropped: HiPrune's "global attention" times 1+N) and ``vit_cls_rows`` (the [CLS] row, VScan).
         """
         layer_sel = model.config.vision_feature_layer
         strategy = model.config.vision_feature_select_strategy
@@ -150,6 +153,7 @@ class LlavaFamily(prune_engine.Family):
         layers = getattr(tower, "vision_model", tower).encoder.layers  # 5.x: CLIPVisionModel owns the encoder
         # hidden_states[0] is the embedding output, hidden_states[k] the output of layer k-1.
         layer = layers[len(layers) + layer_sel if layer_sel < 0 else layer_sel - 1]
+        hooks = []
 
         def cls_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
             h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, 1+N, C]
@@ -169,7 +173,8 @@ class LlavaFamily(prune_engine.Family):
             return lambda module, args, output: store.__setitem__(name, output)  # [B, 1+N, C]
 
         store["vit_projector"] = model.model.multi_modal_projector
-        store["vit_post_layernorm"] = getattr(tower, "vision_model", tower).post_layernorm
+        if "vit_post_layernorm" in wanted:
+            store["vit_post_layernorm"] = getattr(tower, "vision_model", tower).post_layernorm
         last = layers[-1].self_attn
 
         def last_cls_attention(module: nn.Module, args: tuple, output: Any) -> None:
@@ -182,14 +187,38 @@ class LlavaFamily(prune_engine.Family):
             probs = ((q @ k.transpose(-1, -2)).float() * module.scale).softmax(dim=-1)
             store["vit_last_cls_attention"] = probs[:, :, 0, 1:]
 
+        def layered(l: int, received: bool, cls_rows: bool):
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                # CLIP layer l's attention probabilities from its own q/k (no mask in the CLIP tower).
+                h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, 1+N, C]
+                b, n, _ = h.shape
+                q = module.q_proj(h).view(b, n, -1, module.head_dim).transpose(1, 2)  # [B, H, 1+N, hd]
+                k = module.k_proj(h).view(b, n, -1, module.head_dim).transpose(1, 2)
+                probs = ((q @ k.transpose(-1, -2)).float() * module.scale).softmax(dim=-1)  # [B, H, 1+N, 1+N]
+                if received:
+                    store.setdefault("vit_attention_received", {})[l] = probs.sum(dim=-2)[..., 1:]  # [B, H, N]
+                if cls_rows:
+                    store.setdefault("vit_cls_rows", {})[l] = probs[:, :, 0, 1:]  # [B, H, N]
+
+            return hook
+
         with torch.no_grad():
-            return [
-                layer.self_attn.register_forward_pre_hook(cls_attention, with_kwargs=True),
-                layer.register_forward_hook(features),
-                last.q_proj.register_forward_hook(saver("vit_last_queries")),
-                last.k_proj.register_forward_hook(saver("vit_last_keys")),
-                last.register_forward_hook(last_cls_attention),
-            ]
+            if {"vit_cls_attention", "vit_feature_keys"} & set(wanted):
+                hooks.append(layer.self_attn.register_forward_pre_hook(cls_attention, with_kwargs=True))
+            if {"vit_features", "vit_cls_feature"} & set(wanted):
+                hooks.append(layer.register_forward_hook(features))
+            if {"vit_last_queries", "vit_last_keys", "vit_last_cls_attention"} & set(wanted):
+                hooks += [
+                    last.q_proj.register_forward_hook(saver("vit_last_queries")),
+                    last.k_proj.register_forward_hook(saver("vit_last_keys")),
+                ]
+                if "vit_last_cls_attention" in wanted:
+                    hooks.append(last.register_forward_hook(last_cls_attention))
+            received, cls_rows = wanted.get("vit_attention_received", ()), wanted.get("vit_cls_rows", ())
+            for l in dict.fromkeys(received + cls_rows):
+                module = prune_engine.vit_layer(layers, l).self_attn
+                hooks.append(module.register_forward_pre_hook(layered(l, l in received, l in cls_rows), with_kwargs=True))
+        return hooks
 
     def install_vit_merge(self, model: nn.Module, layer: int, apply: Any) -> list[Any]:
         """A forward hook on CLIP layer ``layer`` that replaces its output by ``apply``'s (the

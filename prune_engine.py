@@ -85,12 +85,26 @@ class Family:
             position_ids = position_ids.unsqueeze(0)
         return position_ids, position_ids
 
-    def capture_vision(self, model: nn.Module, store: dict[str, Any]) -> list[Any]:
-        """Register hooks that fill ``store`` with the ViT inputs some methods need (the ``vit_*``
-        entries of :data:`methods.NEEDS`, batched over images: e.g. ``vit_cls_attention``
-        ``[n_images, H, N]``, ``vit_features`` ``[n_images, N, C]``; ``vit_projector`` as is) during
-        the one vision pass of a prefill; return the hook handles (removed after the prefill)."""
+    def capture_vision(self, model: nn.Module, store: dict[str, Any], wanted: Mapping[str, tuple[int, ...]]) -> list[Any]:
+        """Register hooks that fill ``store`` with the ViT inputs the configured methods need during
+        the one vision pass of a prefill; return the hook handles (removed after the prefill).
+
+        ``wanted``: need -> ViT layers (0-based, negative from the end; ``()`` for the needs that name
+        no layer), only ``vit_*`` entries of :data:`methods.NEEDS`. Plain needs are stored batched
+        over the ViT's items (images; tiles or crops where an image has several): e.g.
+        ``vit_cls_attention`` ``[n_items, H, N]``; ``vit_projector`` as is. Layered needs
+        (``vit_attention_received``, ``vit_cls_rows``, ``vit_unit_keys``) are stored as
+        ``{layer: per-item tensors}`` with the layers as requested. :meth:`vit_image` gives one image's
+        rows. A family captures what it can and leaves the rest out (an optional need is then None,
+        a required one an error)."""
         raise NotImplementedError(f"{self.name} provides no ViT [CLS] inputs (its vision encoder has no [CLS] token)")
+
+    def vit_image(self, items: Any, img: int, segments: list["_Segment"], dim: int = -1) -> torch.Tensor:
+        """Image ``img``'s share of a captured per-item ViT tensor ``items`` (indexable by ViT item),
+        its items concatenated along ``dim`` (the token axis). Default: one ViT item an image
+        (LLaVA-1.5, Qwen2.5-VL). Families whose images span several items (InternVL's tiles; later
+        LLaVA-NeXT's base image and crops) override it."""
+        return items[img]
 
     def install_vit_merge(self, model: nn.Module, layer: int, apply: Callable[[torch.Tensor], torch.Tensor | None]) -> list[Any]:
         """Hook ``apply`` onto the OUTPUT of ViT layer ``layer`` (0-based) for the one vision pass of
@@ -118,6 +132,29 @@ class Family:
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
+
+
+def vit_layer(layers: Any, index: int) -> nn.Module:
+    """``layers[index]`` of a vision tower (0-based, negative from the end), or an error that says
+    which layers exist (a method's ViT-layer hyper-parameter set for a deeper tower)."""
+    if not -len(layers) <= index < len(layers):
+        raise ValueError(
+            f"ViT layer {index} does not exist in this {len(layers)}-layer vision tower (valid: 0..{len(layers) - 1} "
+            f"or -{len(layers)}..-1): set the method's ViT-layer hyper-parameter in PRUNE_ARGS"
+        )
+    return layers[index]
+
+
+@torch.no_grad()
+def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, block: int = 1024) -> torch.Tensor:
+    """``[H, n]``: the attention each key receives, ``softmax(q k^T * scale)`` (fp32, over the keys)
+    summed over the query rows, for ``q``, ``k`` ``[H, n, hd]`` of one attention chunk (no mask
+    inside it). Rows are processed ``block`` at a time, so memory stays ``O(H * block * n)``."""
+    out = q.new_zeros(q.shape[0], k.shape[1], dtype=torch.float32)
+    for start in range(0, q.shape[1], block):
+        scores = (q[:, start : start + block] @ k.transpose(-1, -2)).float() * scale  # [H, b, n]
+        out += scores.softmax(dim=-1).sum(dim=1)
+    return out
 
 
 # ----------------------------------------------------------------------------- per-model state
@@ -214,6 +251,7 @@ class PruneState:
     sample_info: dict[str, Any] = field(default_factory=dict)  # merged into the next record (dataset, images)
 
     def configure(self, config: PruneConfig, num_layers: int) -> None:
+        config = config.for_model(num_layers)  # schedule events at the decoder's middle layer get their layer
         config.validate_for(num_layers, self.family.name)
         for name in config.method_names:
             m = methods.get_method(name)
@@ -320,7 +358,7 @@ def _make_pre_hook(state: PruneState):
                 _check_batch(input_ids.shape[0])
             segments = _find_segments(state, module, input_ids, kwargs_for_layout) if input_ids.shape[0] == 1 else []
             sw = early.stopwatch if early is not None else Stopwatch(input_ids.device, cfg.time_prefill).start()
-            if early is None and segments and _needs_vit(cfg):
+            if early is None and segments and _needs_vit(cfg, state.family.name):
                 _start_vision_capture(state, module)
             state.prefill = _Prefill(segments=segments, n_prompt=input_ids.shape[1], stopwatch=sw)
         elif state.cache_pruned and kwargs.get("position_ids") is None:
@@ -333,11 +371,24 @@ def _make_pre_hook(state: PruneState):
     return pre_hook
 
 
-def _needs_vit(cfg: PruneConfig) -> bool:
+def _needs_vit(cfg: PruneConfig, family: str) -> bool:
     return cfg.active and any(
-        methods.get_method(m).vit_merge is not None or any(n.startswith("vit_") for n in methods.get_method(m).needs)
+        methods.get_method(m).vit_merge is not None or any(n.startswith("vit_") for n in methods.get_method(m).needs_for(family))
         for m in cfg.method_names
     )
+
+
+def _vit_wanted(state: PruneState) -> dict[str, tuple[int, ...]]:
+    """need -> ViT layers: the ``vit_*`` needs of the configured methods on this family, with the
+    layers their ``vit_layers`` name (the union over methods, in first-seen order)."""
+    wanted: dict[str, tuple[int, ...]] = {}
+    for name in state.config.method_names:
+        m = methods.get_method(name)
+        layers = m.layers_for(state.family.name, state.config.args_for(name))
+        for need in m.needs_for(state.family.name):
+            if need.startswith("vit_"):
+                wanted[need] = tuple(dict.fromkeys(wanted.get(need, ()) + layers.get(need, ())))
+    return wanted
 
 
 def _vit_merger(cfg: PruneConfig) -> tuple[str, "methods.ViTMerge"] | None:
@@ -350,11 +401,11 @@ def _vit_merger(cfg: PruneConfig) -> tuple[str, "methods.ViTMerge"] | None:
 
 def _start_vision_capture(state: PruneState, model: nn.Module) -> None:
     state.vision = {}
+    wanted = _vit_wanted(state)
     try:
-        state.vision_hooks = state.family.capture_vision(model, state.vision)
+        state.vision_hooks = state.family.capture_vision(model, state.vision, wanted) if wanted else []
     except NotImplementedError:
-        wanted = {n for m in state.config.method_names for n in methods.get_method(m).needs if n.startswith("vit_")}
-        if not wanted <= OPTIONAL_VIT_NEEDS:
+        if not set(wanted) <= OPTIONAL_VIT_NEEDS:
             raise
         state.vision_hooks = []  # only optional ViT inputs: the methods get None
     merger = _vit_merger(state.config)
@@ -461,6 +512,8 @@ def _expand_vit_merge(state: PruneState, out: Any) -> Any:
 
 # ViT inputs a method may be given as None where the family cannot capture them (see methods.NEEDS).
 OPTIONAL_VIT_NEEDS = frozenset({"vit_last_cls_attention"})
+# ViT inputs stored per requested layer ({layer: per-item tensors}; see Family.capture_vision).
+LAYERED_VIT_NEEDS = frozenset({"vit_attention_received", "vit_cls_rows", "vit_unit_keys"})
 
 
 def _make_encoder_wrapper(state: PruneState, model: nn.Module, original: Callable[..., Any]):
@@ -476,7 +529,7 @@ def _make_encoder_wrapper(state: PruneState, model: nn.Module, original: Callabl
             pixels = kwargs.get("pixel_values", args[0] if args else None)
             device = pixels.device if isinstance(pixels, torch.Tensor) else None
             state.early = _Early(kwargs=dict(kwargs), stopwatch=Stopwatch(device, cfg.time_prefill).start())
-            if _needs_vit(cfg):
+            if _needs_vit(cfg, state.family.name):
                 _start_vision_capture(state, model)
         return _expand_vit_merge(state, original(*args, **kwargs))
 
@@ -765,7 +818,8 @@ def _prune_step(
             return None  # nothing to cut (ratio 1, or the survivors already fit)
 
     sw = Stopwatch(hidden.device, state.config.time_method).start()
-    shared = {} if stage == "vision" else _compute_needs(method.needs, state, text, layer, hidden, cos, sin, prev_input, seq_index)
+    needs = method.needs_for(state.family.name, stage)
+    shared = {} if stage == "vision" else _compute_needs(needs, state, text, layer, hidden, cos, sin, prev_input, seq_index)
     keep_seq = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
     new_hidden = hidden
     images = []
@@ -787,6 +841,8 @@ def _prune_step(
             image_index=img,
             generator=state.generator,
             extras=extras,
+            family=state.family.name,
+            ratio=ratio,
         )
         out = select(ctx, keep) if stage == "vision" else method.fn(ctx, keep, **args)
         kept, merged, added = methods.check_output(method, out, n, keep)
@@ -940,6 +996,21 @@ def _compute_needs(
         elif need == "last_query_attention_self":
             attn = last_query_attention(state.family, text.layers[layer], hidden, cos, sin)
             out[need] = lambda idx, *_, a=attn: a[:, idx]
+        elif need == "last_query_attention_self_norope":
+            attn = last_query_attention(state.family, text.layers[layer], hidden, cos, sin, rope=False)
+            out[need] = lambda idx, *_, a=attn: a[:, idx]
+        elif need in LAYERED_VIT_NEEDS:
+            if need not in state.vision:
+                raise RuntimeError(f"{need} was not captured during the vision pass")
+            # Per image: {layer: its rows}, at the survivors' columns ([H, N]) or rows ([N, hd]).
+            def layered(idx, img, seg, v=state.vision[need], dim=0 if need == "vit_unit_keys" else -1):
+                cols, rows = _vit_cols(state, img, seg), {}
+                for l, items in v.items():
+                    x = state.family.vit_image(items, img, state.prefill.segments, dim)
+                    rows[l] = x.index_select(dim, cols.to(x.device))
+                return rows
+
+            out[need] = layered
         elif need in ("prev_keys", "prev_text_keys"):
             keys = layer_keys(state.family, text.layers[layer - 1], *prev_input)[0]  # [L, KV*hd]
             out[need] = (lambda idx, *_, k=keys: k[idx]) if need == "prev_keys" else (lambda idx, *_, k=keys: k[int(idx.max()) + 1 :])
@@ -1018,18 +1089,24 @@ def layer_keys(family: Family, layer: nn.Module, hidden: torch.Tensor, cos: torc
 
 
 @torch.no_grad()
-def last_query_attention(family: Family, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def last_query_attention(
+    family: Family, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: bool = True
+) -> torch.Tensor:
     """``[H, L]``: softmax attention of the last token over all ``L`` tokens, from ``layer``'s own
     ``input_layernorm``, ``q_proj``/``k_proj`` and RoPE: the last row of the attention
     probabilities eager attention would return for that layer. ``hidden`` is ``[1, L, D]``, the
-    layer's input.
+    layer's input. ``rope=False``: q and k without the rotary embedding (VScan's Qwen scoring).
     """
     attn = layer.self_attn
     hd = attn.head_dim
     x = layer.input_layernorm(hidden[:, -1:])
     q = attn.q_proj(x).view(1, 1, -1, hd).transpose(1, 2)  # [1, H, 1, hd]
-    q = family.apply_rotary(q, cos[:, -1:], sin[:, -1:])
-    k = layer_keys(family, layer, hidden, cos, sin).view(1, hidden.shape[1], -1, hd).transpose(1, 2)  # [1, KV, L, hd]
+    if rope:
+        q = family.apply_rotary(q, cos[:, -1:], sin[:, -1:])
+        k = layer_keys(family, layer, hidden, cos, sin)
+    else:
+        k = attn.k_proj(layer.input_layernorm(hidden))
+    k = k.view(1, hidden.shape[1], -1, hd).transpose(1, 2)  # [1, KV, L, hd]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: each KV head serves a group
     scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # [1, H, 1, L]
     return scores.softmax(dim=-1)[0, :, 0]

@@ -25,10 +25,13 @@ Environment variables (all optional; nothing set means no pruning):
 Budget: an image with ``N`` visual tokens keeps ``max(1, floor(N * r + 0.5))`` at ratio ``r``
 (:func:`methods.budget`), per image.
 
-Hybrid methods (registered with a ``schedule``: ``sparsevlm``, ``mustdrop``) named alone by
+Hybrid methods (registered with a ``schedule``: ``sparsevlm``, ``mustdrop``, ``vscan``) named alone by
 ``PRUNE_METHOD`` / ``PRUNE_METHOD_INTRA_LLM`` expand into one intra-LLM event per pruning layer of
 the original, with the budgets or thresholds their schedule derives from ``KEEP_RATIO`` (each
-method documents that mapping); ``PRUNE_ARGS`` can change the layers and override the mapping.
+method documents that mapping); ``PRUNE_ARGS`` can change the layers and override the mapping. A
+hybrid with a pre-LLM stage (``vscan``) also takes the pre-LLM slot, at the ratio its schedule
+gives that stage; an event at :data:`methods.MIDDLE_LAYER` lands on the decoder's middle layer when
+the configuration is applied to a model (:meth:`PruneConfig.for_model`; the tag says ``Lmid``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -177,6 +180,17 @@ class PruneConfig:
     def args_for(self, method: str) -> dict[str, Any]:
         return dict(self.method_args.get(method, {}))
 
+    def for_model(self, num_layers: int) -> "PruneConfig":
+        """This configuration on a decoder of ``num_layers`` layers: events a hybrid's schedule placed at
+        :data:`methods.MIDDLE_LAYER` get the middle layer ``num_layers // 2`` (the configuration read
+        from the environment does not know the model). Returns ``self`` when nothing changes."""
+        if not any(s.layer == methods.MIDDLE_LAYER for s in self.intra):
+            return self
+        intra = tuple(
+            LayerSpec(num_layers // 2, s.method, s.ratio) if s.layer == methods.MIDDLE_LAYER else s for s in self.intra
+        )
+        return replace(self, intra=intra)
+
     def validate_for(self, num_layers: int, family: str | None = None) -> None:
         """Checks that need the model: layer range, methods that need a previous layer, families."""
         for spec in self.intra:
@@ -206,7 +220,10 @@ class PruneConfig:
         parts = []
         if self.pre_method:
             parts.append(f"{self.pre_method}-r{self.keep_ratio:g}")
-        parts += [f"L{s.layer}-{s.method}" + ("" if s.ratio is None else f"-r{s.ratio:g}") for s in self.intra]
+        parts += [
+            f"L{'mid' if s.layer == methods.MIDDLE_LAYER else s.layer}-{s.method}" + ("" if s.ratio is None else f"-r{s.ratio:g}")
+            for s in self.intra
+        ]
         for method, args in sorted(self.method_args.items()):
             parts += [f"{method}.{k}={v}" for k, v in sorted(args.items())]
         if any(_is_random(m) for m in self.method_names):
@@ -232,6 +249,16 @@ class PruneConfig:
         if not events:
             raise ConfigError(f"{name} at KEEP_RATIO={self.keep_ratio:g} prunes nothing")
         args = {**m.check_args({k: v for k, v in args.items() if m.params.get(k) != v}), **given}
+        pre = [ratio for layer, ratio in events if layer is None]
+        if pre:  # a hybrid with a pre-LLM stage (m.pre_stage): it takes the pre-LLM slot
+            if self.pre_method and self.pre_method != name:
+                raise ConfigError(
+                    f"{name} has its own pre-LLM stage: unset PRUNE_METHOD_PRE_LLM={self.pre_method} (or run the "
+                    f"two methods apart)"
+                )
+            object.__setattr__(self, "pre_method", name)
+            object.__setattr__(self, "keep_ratio", pre[0])
+        events = [(layer, ratio) for layer, ratio in events if layer is not None]
         object.__setattr__(self, "intra", tuple(LayerSpec(layer, name, ratio) for layer, ratio in events))
         object.__setattr__(self, "method_args", {**self.method_args, name: args} if args else dict(self.method_args))
 
@@ -317,6 +344,8 @@ def _parse_specs(text: str, keep_ratio: float | None) -> tuple[LayerSpec, ...]:
             layer = int(parts[0])
         except ValueError:
             raise ConfigError(f"INTRA_LLM_LAYER_SPECS: layer {parts[0]!r} in {item!r} is not an integer") from None
+        if layer < 0:
+            raise ConfigError(f"INTRA_LLM_LAYER_SPECS: layer {layer} in {item!r} is negative (layers count from 0)")
         _check_stage(parts[1], "intra_llm", "INTRA_LLM_LAYER_SPECS")
         if not methods.get_method(parts[1]).uses_ratio:
             if len(parts) == 3:

@@ -53,11 +53,14 @@ __all__ = [
     "ViTLayerMerge",
     "ViTMergeSkipped",
     "STAGES",
+    "MIDDLE_LAYER",
     "NEEDS",
     "UnknownMethodError",
 ]
 
 STAGES = ("pre_llm", "intra_llm")
+# A schedule's event layer meaning "the decoder's middle layer" (num_layers // 2), resolved per model.
+MIDDLE_LAYER = -1
 
 # What a method may ask the engine for, and at which stages it exists. Shapes are per image.
 NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -169,6 +172,34 @@ NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
         "included). SparseVLM's input.",
         ("intra_llm",),
     ),
+    "last_query_attention_self_norope": (
+        "[H, N] as last_query_attention_self, but q and k WITHOUT the rotary embedding (VScan's Qwen2.5-VL "
+        "scoring: the original's mRoPE line is commented out).",
+        ("intra_llm",),
+    ),
+    # Layered ViT needs: {layer: tensor} for the ViT layers the method names with register_prune's
+    # ``vit_layers`` (0-based block indices, negative from the end), computed during the one vision pass
+    # from each layer's own q/k (no eager re-run, no output_attentions).
+    "vit_attention_received": (
+        "{layer: [H, N]} the attention each of this image's tokens RECEIVES in that ViT layer: the layer's "
+        "softmax probabilities (its own q/k and mask), summed over the query rows, per head. LLaVA (CLIP): "
+        "rows [CLS] + patches, columns the patches. Qwen2.5-VL: rows this image's patches under the block's "
+        "own mask (window or full), then the mean over each 2x2 merge unit, in the merger's (LLM) token "
+        "order. InternVL: per tile, rows [CLS] + patches, [CLS] column dropped, mean over each pixel-shuffle "
+        "unit, the image's tiles concatenated in token order.",
+        ("pre_llm",),
+    ),
+    "vit_cls_rows": (
+        "{layer: [H, N]} the [CLS] row of that ViT layer's attention probabilities over this image's patches "
+        "(LLaVA: ``attentions[layer][:, :, 0, 1:]``). Only ViTs whose [CLS] token reaches the patches' grid.",
+        ("pre_llm",),
+    ),
+    "vit_unit_keys": (
+        "{layer: [N, hd]} that ViT layer's keys (Qwen2.5-VL: after its rotary embedding; InternVL: after "
+        "k_norm; [CLS] dropped), averaged over heads and over each merge / pixel-shuffle unit, in LLM token "
+        "order. VisionZip's Qwen ``attn_key``.",
+        ("pre_llm",),
+    ),
 }
 
 
@@ -195,6 +226,11 @@ class PruneContext:
         image_index: which image of the prompt (0-based).
         generator: the seeded CPU generator random methods draw from (``PRUNE_SEED``).
         extras: the declared needs (see :data:`NEEDS`), read with ``ctx[name]``.
+        family: the model family (``Family.name``: ``"llava"``, ``"qwen2_5_vl"``, ``"internvl"``), for
+            methods whose original computes differently per model (VisionZip, HiPrune, VScan).
+        ratio: the event's keep ratio (a fraction of ``n_orig``; ``None`` for a method that decides its
+            own count), for originals that derive their counts from the ratio with their own rounding
+            (``keep`` is ``budget(n_orig, ratio)``).
     """
 
     features: torch.Tensor
@@ -207,6 +243,8 @@ class PruneContext:
     image_index: int = 0
     generator: torch.Generator | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
+    family: str = ""
+    ratio: float | None = None
 
     @property
     def n(self) -> int:
@@ -244,11 +282,34 @@ class PruneMethod:
     trim_cache: bool = False  # after the prefill, caches from its first event's layer - 1 on keep only the final survivors
     vit_merge: "ViTMerge | ViTLayerMerge | None" = None  # a merge inside the vision encoder (a "vision" event before the LLM)
     refusal: str = ""  # why the method does not apply to the families outside ``families`` (shown in the error)
+    # Per-family needs (``needs`` is then their union): family -> needs.
+    family_needs: Mapping[str, tuple[str, ...]] | None = None
+    # (family, args) -> {layered ViT need: (layer, ...)}: the ViT layers its ``vit_*`` needs refer to.
+    vit_layers: Callable[[str, Mapping[str, Any]], Mapping[str, tuple[int, ...]]] | None = None
+    pre_stage: bool = False  # a hybrid whose schedule also has a pre-LLM event (layer None)
 
     @property
     def summary(self) -> str:
         doc = inspect.getdoc(self.fn) or ""
         return doc.splitlines()[0] if doc else ""
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages its events run at (a hybrid with ``pre_stage``: both)."""
+        return ("pre_llm", self.stage) if self.pre_stage and self.stage != "pre_llm" else (self.stage,)
+
+    def needs_for(self, family: str | None = None, stage: str | None = None) -> tuple[str, ...]:
+        """Its needs on ``family`` (all families' union when None), those that exist at ``stage``
+        (every stage when None): what the engine computes for one of its events."""
+        needs = self.needs if family is None or self.family_needs is None else self.family_needs.get(family, ())
+        return tuple(n for n in needs if stage is None or stage in NEEDS[n][1])
+
+    def layers_for(self, family: str, args: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        """``{need: (ViT layer, ...)}`` of its layered ViT needs on ``family`` with hyper-parameters
+        ``args`` (defaults filled in): which layers the family's vision capture must hook."""
+        if self.vit_layers is None:
+            return {}
+        return {k: tuple(int(x) for x in v) for k, v in self.vit_layers(family, {**self.params, **args}).items()}
 
     def check_args(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """Validate and coerce ``args`` (strings from the environment allowed) to the defaults' types."""
@@ -273,7 +334,7 @@ def register_prune(
     name: str,
     *,
     stage: str,
-    needs: tuple[str, ...] = (),
+    needs: tuple[str, ...] | Mapping[str, tuple[str, ...]] = (),
     exact_count: bool = True,
     source: str = "",
     paper: str = "",
@@ -285,6 +346,8 @@ def register_prune(
     trim_cache: bool = False,
     vit_merge: "ViTMerge | ViTLayerMerge | None" = None,
     refusal: str = "",
+    vit_layers: Callable[[str, Mapping[str, Any]], Mapping[str, tuple[int, ...]]] | None = None,
+    pre_stage: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(ctx, keep, *, hyper=default, ...)`` under ``name`` for ``stage``.
 
@@ -292,7 +355,9 @@ def register_prune(
         name: the name users type (``PRUNE_METHOD=name``); keeps the ``_pre_llm`` /
             ``_intra_llm`` suffix convention.
         stage: ``"pre_llm"`` or ``"intra_llm"``.
-        needs: inputs beyond the features, from :data:`NEEDS`.
+        needs: inputs beyond the features, from :data:`NEEDS`; or a mapping family -> needs for a
+            method whose original computes differently per model (the engine then computes, on each
+            family, only that family's needs; ``PruneMethod.needs`` is their union).
         exact_count: False for methods whose kept count is adaptive (the trace reports it).
         source / paper: the original repository and paper (shown in the README table).
         deviation: one line on how this port differs from UniPruneBench's, if it does.
@@ -305,7 +370,10 @@ def register_prune(
             MustDrop): ``schedule(keep_ratio, args) -> (((layer, ratio or None), ...), args)``;
             ``PRUNE_METHOD=name`` then expands into one intra-LLM event per entry (the original's
             layers and budgets for that ``KEEP_RATIO``), and the returned args (the hyper-parameters
-            that ``KEEP_RATIO`` selects, PRUNE_ARGS winning) go to every event.
+            that ``KEEP_RATIO`` selects, PRUNE_ARGS winning) go to every event. A layer may be
+            :data:`MIDDLE_LAYER` (the decoder's middle layer, ``num_layers // 2``, resolved when the
+            configuration is applied to a model: VScan's 16 of 32 / 14 of 28), and with
+            ``pre_stage`` one entry may be ``(None, ratio)``: the pre-LLM event.
         trim_cache: after the prefill, the KV caches of every layer from (first event layer - 1)
             on keep only the visual tokens that survive the last event (MustDrop's cache policy);
             the trace shows it as a ``post_prefill`` event.
@@ -316,13 +384,27 @@ def register_prune(
             :class:`ViTLayerMerge` merges at every ViT layer up to the feature layer instead (ToMe).
         refusal: the reason the method does not apply outside ``families``, appended to the
             configuration error.
+        vit_layers: ``(family, args) -> {need: (layer, ...)}`` for the layered ViT needs
+            (``vit_attention_received``, ``vit_cls_rows``, ``vit_unit_keys``): which ViT layers
+            (0-based, negative from the end) the family's capture hooks; ``args`` are the
+            hyper-parameters (defaults filled in). The method reads ``ctx[need][layer]``.
+        pre_stage: for a hybrid (``schedule``): its schedule also returns a pre-LLM event
+            (``(None, ratio)``), so ``PRUNE_METHOD=name`` also runs it at the decoder's input with
+            ``ctx.stage == "pre_llm"`` (VScan's ViT-space stage); its needs may then be of either stage.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r} (method {name!r})")
+    if pre_stage and schedule is None:
+        raise ValueError(f"{name}: pre_stage is for hybrids (register a schedule)")
+    stages = {stage, "pre_llm"} if pre_stage else {stage}
+    family_needs = None
+    if isinstance(needs, Mapping):
+        family_needs = {f: tuple(v) for f, v in needs.items()}
+        needs = tuple(dict.fromkeys(n for v in family_needs.values() for n in v))
     for need in needs:
         if need not in NEEDS:
             raise ValueError(f"{name}: unknown need {need!r}; known needs: {sorted(NEEDS)}")
-        if stage not in NEEDS[need][1]:
+        if not stages & set(NEEDS[need][1]):
             raise ValueError(f"{name}: need {need!r} does not exist at stage {stage!r}")
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -349,6 +431,9 @@ def register_prune(
             trim_cache=trim_cache,
             vit_merge=vit_merge,
             refusal=refusal,
+            family_needs=family_needs,
+            vit_layers=vit_layers,
+            pre_stage=pre_stage,
         )
         return fn
 

@@ -24,13 +24,18 @@ def table() -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, m in sorted(methods.all_methods().items(), key=lambda kv: (kv[1].stage, kv[0])):
-        inputs = ", ".join(["features", *m.needs])
+        if m.family_needs is None:
+            inputs = ", ".join(["features", *m.needs])
+        else:  # computed per family
+            inputs = "; ".join(f"{f}: " + ", ".join(["features", *n]) for f, n in m.family_needs.items())
         params = ", ".join(f"{k}={v!r}" for k, v in m.params.items()) or "-"
         source = f"[{m.source}](https://github.com/{m.source}) / [paper]({m.paper})"
         families = ", ".join(m.families) if m.families else "all"
         stage = m.stage
         if m.schedule is not None:  # a hybrid: several events from one name
             stage += " (several layers" + (" + KV-cache trim" if m.trim_cache else "") + ")"
+            if m.pre_stage:
+                stage = "pre_llm + " + stage.replace("several layers", "middle layer" if m.default_layer == methods.MIDDLE_LAYER else "several layers")
         if isinstance(m.vit_merge, methods.ViTLayerMerge):
             stage = f"ViT merge (every layer to the feature layer) + {stage}"
         elif m.vit_merge is not None:

@@ -131,7 +131,8 @@ FAMILIES: dict[str, FamilySpec] = {
 def spy_on(monkeypatch, name: str, select: Callable | None = None) -> list:
     """Replace registered method ``name`` for one test by a spy that records every
     :class:`methods.PruneContext` it receives and keeps ``select(ctx, keep)`` (default: the first
-    ``keep`` tokens, in the image's original token order). Returns the list of recorded contexts.
+    ``keep`` tokens, in the image's original token order; ``select`` also receives the configured
+    hyper-parameters as keywords). Returns the list of recorded contexts.
     ``monkeypatch`` restores the registry afterwards."""
     import dataclasses
 
@@ -140,10 +141,10 @@ def spy_on(monkeypatch, name: str, select: Callable | None = None) -> list:
     seen: list = []
     original = methods.get_method(name)
 
-    def spy(ctx, keep):
+    def spy(ctx, keep, **args):  # args: the method's configured hyper-parameters, passed on to select
         seen.append(ctx)
         if select is not None:
-            return select(ctx, keep)
+            return select(ctx, keep, **args)
         return torch.argsort(ctx.token_index)[:keep]
 
     monkeypatch.setitem(methods._REGISTRY, name, dataclasses.replace(original, fn=spy))

@@ -10,7 +10,13 @@ from families import FAMILIES, cfg
 
 PAIRS = [(m, f) for m in methods.names() for f in FAMILIES]
 # Hybrid methods (one name, several events) run their schedule on the 4-layer tiny decoders.
-HYBRID_ARGS = {"sparsevlm": "layers=0/1/2", "mustdrop": "layers=0/1/2,window=2"}  # 2x2 windows: the tiny 4x4 CLIP grid
+HYBRID_ARGS = {
+    "sparsevlm": "layers=0/1/2",
+    "mustdrop": "layers=0/1/2,window=2",  # 2x2 windows: the tiny 4x4 CLIP grid
+    "vscan": "local_layer=0",  # the tiny 2-layer ViTs have no layer 5 / 7
+}
+# Methods whose default ViT layers the tiny 2-layer vision towers do not have.
+METHOD_ARGS = {"hiprune_pre_llm": "object_layer=1"}
 # Methods that read more than the model: CDPruner's CLIP text tower (a tiny CLIP saved for the test).
 EXTRA_ARGS = {"cdpruner_pre_llm": "clip_model={clip_dir}"}
 QUESTION = "Is there a red cube?\nAnswer the question using a single word or phrase."  # instruction_text
@@ -39,6 +45,8 @@ def test_method_runs_on_family(models, clip_dir, method, family):
         env = dict(KEEP_RATIO=ratio, PRUNE_METHOD=method, PRUNE_ARGS=HYBRID_ARGS[method])
     elif m.stage == "pre_llm":
         env = dict(KEEP_RATIO=ratio, PRUNE_METHOD_PRE_LLM=method)
+        if method in METHOD_ARGS:
+            env["PRUNE_ARGS"] = METHOD_ARGS[method]
     else:
         env = dict(INTRA_LLM_LAYER_SPECS=f"2:{method}" + (f":{ratio}" if m.uses_ratio else ""))
     if method in EXTRA_ARGS:
@@ -58,7 +66,10 @@ def test_method_runs_on_family(models, clip_dir, method, family):
             events = [e for e in model.prune_trace if e.stage not in ("post_prefill", "vision")]
             if m.vit_merge is not None:  # first, the ViT merge (skipped where the family cannot run it)
                 assert model.prune_trace[0].stage == "vision" and model.prune_trace[0].note
-            assert [(e.stage, e.layer, e.method) for e in events] == [("intra_llm", s.layer, method) for s in config.intra]
+            expected = [("intra_llm", s.layer, method) for s in config.intra]
+            if m.pre_stage:  # a hybrid with its own pre-LLM event (VScan's ViT stage) runs it first
+                expected = [("pre_llm", None, method)] + expected
+            assert [(e.stage, e.layer, e.method) for e in events] == expected
             image = set(torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten().tolist())
             for e in model.prune_trace:
                 assert set(e.kept) <= image and e.kept == sorted(e.kept)

@@ -73,7 +73,12 @@ def test_registered_names_and_metadata():
         assert name in registered and m.families == ("llava",) and not m.exact_count and m.params == {}
         assert m.needs == ("vit_features", "vit_last_queries", "vit_last_keys", "vit_projector")
     zip_ = get_method("visionzip_pre_llm")
-    assert zip_.families == ("llava",) and zip_.exact_count and zip_.params == {"contextual_ratio": 10 / 64}
+    # Every family (Qwen2.5-VL: the author's adaptation; InternVL: ours), the count is the original's
+    # per family (not exact: Qwen's int((r - 0.05) N) + max(int(0.05 N), 1)).
+    assert zip_.families == ("llava", "qwen2_5_vl", "internvl") and not zip_.exact_count
+    assert zip_.params == {"contextual_ratio": 10 / 64}
+    assert zip_.needs_for("llava") == ("vit_features", "vit_cls_feature", "vit_cls_attention", "vit_feature_keys", "vit_projector")
+    assert zip_.needs_for("qwen2_5_vl") == zip_.needs_for("internvl") == ("vit_attention_received", "vit_unit_keys")
 
 
 # ------------------------------------------------------------------------------------------ G-Prune

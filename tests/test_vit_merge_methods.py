@@ -1,4 +1,5 @@
-"""PruMerge, PruMerge+ and VisionZip through the engine on LLaVA: the ViT inputs the engine captures
+"""PruMerge, PruMerge+ and VisionZip through the engine on LLaVA (VisionZip's Qwen2.5-VL / InternVL
+path: ``tests/test_methods_vit.py``): the ViT inputs the engine captures
 equal the unpatched model's own tensors, and a run with merged (and extra) tokens equals the
 unpatched model without cache on the same merged sequence."""
 
@@ -139,7 +140,7 @@ def test_captured_vit_inputs_selection_and_merged_run_equal_the_unpatched_model(
     check_against_reference(MergedRef, model, inputs, seq, steps, drops_from_trace([event]), prefill_logits)
 
 
-@pytest.mark.parametrize("method", ["prumerge_pre_llm", "prumerge_plus_pre_llm", "visionzip_pre_llm"])
+@pytest.mark.parametrize("method", ["prumerge_pre_llm", "prumerge_plus_pre_llm"])  # VisionZip: tests/test_methods_vit.py
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
 def test_cls_merge_methods_are_refused_where_the_vit_has_no_cls(family, method):
     spec = FAMILIES[family]

@@ -1,0 +1,135 @@
+"""HiPrune: hierarchical attention in the vision encoder: object anchors, their buffers, global registers (2025).
+
+Registered as ``hiprune_pre_llm``; what it computes depends on the family, as in the original
+(see ``docs/methods_vit.md``). Paper: https://arxiv.org/abs/2508.00553; original:
+Danielement321/HiPrune @6e83a12 (MIT), ``LLaVA/llava/model/llava_arch.py :: encode_images`` and
+``Qwen2_5_VL/qwen2_5_vl_HiPrune.py`` (the vision tower's ``attn_list``, l.566-577; the selection,
+l.1854-1896).
+
+What the original computes on one image of ``N`` tokens, keeping ``T``:
+
+* two "global attention" score vectors, each the attention every token RECEIVES in one ViT layer:
+  the *object* layer ``HIPRUNE_OBJECT_LAYER - 1`` (9 -> ``attentions[8]`` on LLaVA, 16 -> block 15
+  on Qwen) and the *deep* layer (LLaVA: the feature layer ``attentions[-2]``; Qwen: the last block);
+* ``a = round(T * alpha / 5)`` anchors: the top-``a`` tokens by the object-layer score (Python
+  ``round``, half to even);
+* buffers: every anchor ``i`` with ``i - 1``, ``i + 1``, ``i - w``, ``i + w`` (``w``: the grid width),
+  clamped to ``[0, N - 1]`` (flat indices: ``i + 1`` at a row's end is the next row's first token,
+  the original checks no row wrap), deduplicated;
+* registers: ``T - |buffers|`` tokens, the top of ``deep - mask`` where ``mask`` is 1 at the buffers
+  (``deep_attention -= available_index_mask.int()``); the kept set is buffers + registers, sorted
+  (a mask).
+
+Per family:
+
+* **LLaVA-1.5**: scores are head means of the attention averaged over all 1 + N queries ([CLS]
+  row included), [CLS] column dropped, so every score is at most 1 and the ``- 1`` takes the
+  buffers out of the register pick. ``T`` = ``budget(N, KEEP_RATIO)``: the original's
+  ``HIPRUNE_RETENTION`` 192 / 128 / 64 of 576 at 0.333 / 0.222 / 0.111. ``w`` = 24 (hard-coded,
+  = the grid width, used here) and ``N - 1`` = 575.
+* **Qwen2.5-VL**: scores as VisionZip's Qwen adaptation computes them: head mean, SUMMED over the
+  queries, mean over each 2x2 merge unit. A score can exceed 1, so ``- 1`` does not exclude a
+  buffer from the register pick: a buffer can be picked again and the image then keeps FEWER
+  than ``T`` tokens (reproduced; the trace reports the count). ``T = round(N * r)`` (half to even, from
+  ``ctx.ratio``: the original's ``HIPRUNE_QWEN_RETENTION``); ``w`` = the image's merged grid width (the
+  original takes the first image's, and fails on prompts whose images are not adjacent).
+* **InternVL3** (OURS): per tile the LLaVA scores (InternViT has a [CLS] query row: the mean over all
+  1 + P rows, [CLS] column dropped), averaged over each pixel-shuffle unit; object layer 9 of
+  InternViT's 24 (as CLIP-L's), deep = the feature layer (the last); ``T`` = ``budget(N, r)``;
+  buffers on the image's tokens in flat order (tiles one after the other, ``w`` = the tile side).
+
+Host syncs: one per image (the deduplicated buffer count sets the register count).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from methods import PruneContext, register_prune
+
+OBJECT_LAYER = {"llava": 9, "qwen2_5_vl": 16, "internvl": 9}  # HIPRUNE_OBJECT_LAYER (1-based): the scripts'
+DEEP_LAYER = {"llava": -2, "qwen2_5_vl": -1, "internvl": -1}  # LLaVA mm_vision_select_layer; Qwen attn_list[-1]
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def hiprune_select(shallow: torch.Tensor, deep: torch.Tensor, keep: int, width: int, alpha: float = 0.1) -> torch.Tensor:
+    """HiPrune's kept tokens ``[k]`` (ascending, ``k <= keep``) of one image.
+
+    Args:
+        shallow: ``[N]`` the object layer's global attention score of every token.
+        deep: ``[N]`` the deep layer's.
+        keep: ``T``, the retention.
+        width: ``w``, the buffer step between rows.
+        alpha: the anchor share (``HIPRUNE_ALPHA``, 0.1 in the scripts).
+
+    As the original (module docstring): ``round(T * alpha / 5)`` anchors, their flat ``+-1``,
+    ``+-w`` buffers clamped to ``[0, N - 1]``, then ``T - |buffers|`` registers: the top of
+    ``deep - 1[buffer]``; the union (the original's index mask). If ``|buffers| > T`` (only with
+    ``alpha`` far above 1) the original's ``topk`` gets a negative k and fails; here no register
+    is picked and every buffer is kept.
+    """
+    n = shallow.shape[0]
+    anchors = shallow.topk(min(n, round(keep * alpha / 5))).indices  # round(): half to even, as the original
+    buffers = torch.cat([anchors, anchors - 1, anchors + 1, anchors - width, anchors + width]).clamp(0, n - 1)
+    mask = torch.zeros(n, dtype=torch.bool, device=shallow.device)
+    mask[buffers] = True
+    n_registers = max(keep - int(mask.sum()), 0)  # the one host sync: the deduplicated buffer count
+    scores = deep - mask.to(deep.dtype)  # deep_attention -= available_index_mask.int()
+    kept = mask.clone()
+    kept[scores.topk(min(n, n_registers)).indices] = True  # a register may be a buffer again (Qwen's scale)
+    return torch.nonzero(kept).flatten()
+
+
+def _layers(family: str, args: dict) -> dict[str, tuple[int, ...]]:
+    obj = args["object_layer"]
+    obj = OBJECT_LAYER[family] if obj is None else int(obj)
+    if obj < 1:
+        raise ValueError(f"object_layer is 1-based (HIPRUNE_OBJECT_LAYER), got {obj}")
+    return {"vit_attention_received": (obj - 1, DEEP_LAYER[family])}
+
+
+@register_prune(
+    "hiprune_pre_llm",
+    stage="pre_llm",
+    needs=("vit_attention_received",),
+    vit_layers=_layers,
+    exact_count=False,
+    families=("llava", "qwen2_5_vl", "internvl"),
+    source="Danielement321/HiPrune",
+    paper="https://arxiv.org/abs/2508.00553",
+    deviation=(
+        "Not in UniPruneBench. As the original per family: LLaVA T = budget(N, r) (192/128/64 of 576); Qwen "
+        "T = round(N*r), scores summed over queries so buffers can be re-picked (fewer than T kept), width of "
+        "each image (original: the first image's); attention under the per-image mask (its FA2 path: none). "
+        "InternVL (OURS): LLaVA scoring per tile, mean over pixel-shuffle units, T = budget(N, r)."
+    ),
+)
+def hiprune(ctx: PruneContext, keep: int, *, alpha: float = 0.1, object_layer: int | None = None) -> torch.Tensor:
+    """Keep object anchors (shallow ViT attention) with their spatial buffers, plus global registers (deep ViT attention).
+
+    Paper: https://arxiv.org/abs/2508.00553
+
+    ``alpha``: ``HIPRUNE_ALPHA``; ``object_layer``: ``HIPRUNE_OBJECT_LAYER`` (1-based; None: the
+    scripts' 9 on LLaVA-1.5 / InternVL, 16 on Qwen2.5-VL). The deep layer is the feature layer
+    (LLaVA ``-2``, InternVL ``-1``) or the last block (Qwen). See the module docstring.
+    """
+    layers = _layers(ctx.family, {"object_layer": object_layer})["vit_attention_received"]
+    received = ctx["vit_attention_received"]  # {layer: [H, N]}: summed over the query rows
+    shallow, deep = (_up(received[l]).mean(dim=0) for l in layers)  # head means
+    if ctx.family == "qwen2_5_vl":
+        t = round(ctx.n * ctx.ratio)  # HIPRUNE_QWEN_RETENTION: round() of the image's count
+    else:  # a mean over the query rows: [CLS] + the patches of a CLIP image / an InternViT tile
+        rows = ctx.n + 1 if ctx.family == "llava" else _tile_rows(ctx)
+        shallow, deep, t = shallow / rows, deep / rows, keep
+    width = ctx.grid[2] if ctx.grid is not None else max(1, round(ctx.n**0.5))
+    return hiprune_select(shallow, deep, t, width, alpha)
+
+
+def _tile_rows(ctx: PruneContext) -> int:
+    """1 + the patches of one InternViT tile: its LLM tokens times the pixel-shuffle unit (2x2 in
+    InternVL3) plus [CLS]."""
+    tokens = ctx.grid[1] * ctx.grid[2] if ctx.grid is not None else ctx.n
+    return 4 * tokens + 1
