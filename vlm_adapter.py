@@ -571,7 +571,7 @@ def main(family: ModuleType, argv: Sequence[str] | None = None) -> None:
         vlmeval.run.main()
     missing = _missing_results(work_dir, names, datasets, infer_only, errors.messages)
     if missing and int(os.environ.get("RANK", "0") or 0) == 0:
-        what = "predictions" if infer_only else "a score"
+        what = "predictions" if infer_only else "score"
         lines = "\n".join(f"  {name} x {data}: {why}" for name, data, why in missing)
         raise SystemExit(f"{len(missing)} of {len(names) * len(datasets)} model x dataset runs produced no {what}:\n{lines}")
 
