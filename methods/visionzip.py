@@ -20,11 +20,11 @@ then contextual tokens with sequential positions.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import torch
 
-from methods import PruneContext, register_prune
+from methods import PruneContext, Range, register_prune
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -121,7 +121,9 @@ def visionzip_select(
         "positions (original: [CLS], dominant, contextual, sequential positions)."
     ),
 )
-def visionzip(ctx: PruneContext, keep: int, *, contextual_ratio: float = 10 / 64) -> tuple[torch.Tensor, torch.Tensor]:
+def visionzip(
+    ctx: PruneContext, keep: int, *, contextual_ratio: Annotated[float, Range(ge=0, lt=1)] = 10 / 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep [CLS] and the patches it attends to most, plus contextual tokens merged by key similarity.
 
     ``keep`` is the original's ``dominant + contextual`` ([CLS] included); ``contextual_ratio`` is
