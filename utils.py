@@ -727,34 +727,52 @@ class TimingSink:
     ``prefill_times.txt``); ``jsonl``: one record per sample (see :meth:`write_sample`).
 
     Line format of the text files, tab-separated, first field the milliseconds so that
-    ``float(line.split()[0])`` reads it:
-      method_times_<method>.txt: ``ms  stage  layer(- for pre-LLM)  n_in  n_keep  rank``
-      prefill_times.txt:         ``ms  n_prompt_tokens  n_visual_tokens  n_visual_kept_final  rank``
+    ``float(line.split()[0])`` reads it, last field the configuration that wrote the line:
+      method_times_<method>.txt: ``ms  stage  layer(- for pre-LLM)  n_in  n_keep  rank  label``
+      prefill_times.txt:         ``ms  n_prompt_tokens  n_visual_tokens  n_visual_kept_final  rank  label``
+    ``label`` says which run wrote the line, so runners appending in one directory stay separable:
+    the ``label`` given, else the name of the folder ``jsonl`` is in (the runner writes
+    ``<work-dir>/<model name>/prune_records.jsonl``, so it is the VLMEvalKit model name
+    ``<model>__<configuration tag>``), else the configuration's tag (``vanilla`` unpruned).
+
+    Each JSONL record gets ``rank`` and ``run``: an id of this sink, i.e. of one runner process
+    and configuration (every torchrun rank has its own), so that the records of separate runs
+    appended to one file can be told apart (:func:`scripts._common.cell_records`).
     """
 
     text_dir: Path | None = Path(".")
     jsonl: Path | None = None
     rank: int = field(default_factory=lambda: int(os.environ.get("RANK", "0") or 0))
+    label: str | None = None
+    run: str = field(default_factory=lambda: f"{os.getpid()}-{time.time_ns():x}")
+
+    def label_for(self, cfg: PruneConfig) -> str:
+        if self.label:
+            return self.label
+        if self.jsonl is not None:
+            return Path(self.jsonl).resolve().parent.name
+        return cfg.tag() or "vanilla"
 
     def write_sample(self, record: Mapping[str, Any], cfg: PruneConfig) -> None:
         events = record.get("events", [])
         if self.text_dir is not None:
+            label = self.label_for(cfg)
             if cfg.time_method:
                 for e in events:
                     if e.get("ms") is not None:
                         layer = "-" if e["layer"] is None else e["layer"]
                         append_line(
                             Path(self.text_dir) / f"method_times_{e['method']}.txt",
-                            f"{e['ms']:.4f}\t{e['stage']}\t{layer}\t{e['n_in']}\t{e['n_keep']}\t{self.rank}",
+                            f"{e['ms']:.4f}\t{e['stage']}\t{layer}\t{e['n_in']}\t{e['n_keep']}\t{self.rank}\t{label}",
                         )
             if cfg.time_prefill and record.get("prefill_ms") is not None:
                 append_line(
                     Path(self.text_dir) / "prefill_times.txt",
                     f"{record['prefill_ms']:.4f}\t{record['n_prompt']}\t{record['n_visual']}\t"
-                    f"{record['n_visual_final']}\t{self.rank}",
+                    f"{record['n_visual_final']}\t{self.rank}\t{label}",
                 )
         if self.jsonl is not None:
-            append_line(self.jsonl, json.dumps({**record, "rank": self.rank}))
+            append_line(self.jsonl, json.dumps({**record, "rank": self.rank, "run": self.run}))
 
 
 @contextlib.contextmanager
