@@ -603,12 +603,15 @@ def _bin_problem(path: Path) -> str | None:
     return None
 
 
-def check_datasets(names: Iterable[str]) -> None:
+def check_datasets(names: Iterable[str], lmu_root: str | os.PathLike | None = None) -> None:
     """Check ``--data`` names against VLMEvalKit's datasets, the locally registered ones (tiny and
     proxy, :func:`vlm_adapter.register_local_datasets`) and ``$LMUData/<name>.tsv`` (VLMEvalKit runs
     any such file as a custom dataset); raise :class:`ConfigError` listing every unknown name with
-    the closest known ones. Imports vlmeval (seconds)."""
+    the closest known ones. Imports vlmeval (seconds), unless ``lmu_root`` (VLMEvalKit's data
+    folder) is given and holds ``<name>.tsv`` for every name."""
     names = list(names)
+    if lmu_root is not None:
+        names = [n for n in names if not (Path(lmu_root) / f"{n}.tsv").is_file()]
     if not names:
         return
     import vlm_adapter  # noqa: F401 - lazily: vlm_adapter imports this module

@@ -242,8 +242,10 @@ def current_pred_root(model_dir: Path) -> Path:
     return model_dir / f"T{date}_G{sha}"
 
 
-def saved_predictions(model_dir: Path, name: str, data: str) -> int:
-    """How many predictions of the cell a run started now would not recompute (current root only)."""
+def saved_predictions(model_dir: Path, name: str, data: str, world_size: int = 1) -> int:
+    """How many predictions of the cell a run of ``world_size`` processes started now would not
+    recompute: the current root's xlsx, else its in-flight pickles of that world size (VLMEvalKit
+    reads no other; :func:`carry_forward` merges the others into them first)."""
     root = current_pred_root(model_dir)
     xlsx = root / f"{name}_{data}.xlsx"
     if xlsx.exists():
@@ -251,27 +253,36 @@ def saved_predictions(model_dir: Path, name: str, data: str) -> int:
 
         return len(pd.read_excel(xlsx, usecols=["index"]))
     done: dict = {}
-    for p in rank_pickles(root, data):
-        done.update(load_pickle(p))
+    for rank in range(world_size):
+        path = root / f"{rank}{world_size}_{data}.pkl"
+        if path.exists():
+            done.update(load_pickle(path))
     return len(done)
 
 
 def carry_forward(model_dir: Path, name: str, data: str, world_size: int = 1) -> str:
-    """Make an interrupted cell resumable whatever day or commit it is now.
+    """Make an interrupted cell resumable whatever day, commit or number of processes it is now.
 
     VLMEvalKit resumes only inside the current prediction root ``T<day>_G<hash>``: the next day, or
     after any commit to the repository holding the venv, it starts from zero unless ``--reuse`` is
-    passed, and even then it takes in-flight ``.pkl`` files only from a root of the same hash. So,
-    before a cell is (re)run: when the current root has neither ``<name>_<data>.xlsx`` nor an
-    in-flight pickle, copy the newest older root's xlsx (all predictions; the evaluation is then
-    redone without building the model), or else merge the older roots' in-flight pickles into
+    passed, and even then it takes in-flight ``.pkl`` files only from a root of the same hash. It
+    also reads only the pickles of its own world size (``<rank><world_size>_<data>.pkl``): a cell
+    interrupted under ``--nproc 2`` and resumed with one process would start over. So, before a cell
+    is (re)run, unless the current root holds ``<name>_<data>.xlsx`` or pickles of the coming world
+    size that hold every prediction saved there (VLMEvalKit's own state): copy the newest older root's xlsx (all predictions; the
+    evaluation is then redone without building the model), or else merge every saved prediction
+    (older roots' pickles, oldest first, then the current root's, of any world size) into
     ``<rank><world_size>_<data>.pkl`` of the current root for every rank of the coming run
-    (``01_<data>.pkl`` for one process; each rank keeps the predictions of its own shard). Nothing
-    is moved or deleted. Returns a one-line summary.
+    (``01_<data>.pkl`` for one process; each rank keeps the predictions of its own shard).
+    Nothing is moved or deleted. Returns a one-line summary.
     """
     current = current_pred_root(model_dir)
     xlsx_name = f"{name}_{data}.xlsx"
-    if (current / xlsx_name).exists() or rank_pickles(current, data):
+    targets = [f"{rank}{world_size}_{data}.pkl" for rank in range(world_size)]
+    own = set(targets)
+    here = rank_pickles(current, data)
+    mine = {k for p in here if p.name in own for k in load_pickle(p)}
+    if (current / xlsx_name).exists() or (mine and all(set(load_pickle(p)) <= mine for p in here if p.name not in own)):
         return f"resumes in {current.name} (VLMEvalKit's own state)"
     older = [r for r in pred_roots(model_dir) if r != current]
     for root in reversed(older):
@@ -283,16 +294,15 @@ def carry_forward(model_dir: Path, name: str, data: str, world_size: int = 1) ->
             return f"copied all predictions {root.name}/{xlsx_name} -> {current.name}/"
     merged: dict = {}
     sources = []
-    for root in older:  # oldest first: newer predictions win
-        for p in rank_pickles(root, data):
-            part = load_pickle(p)
-            if part:
-                merged.update(part)
-                sources.append(f"{root.name}/{p.name}")
+    foreign = [p for p in here if p.name not in own]
+    for path in [p for root in older for p in rank_pickles(root, data)] + foreign + [p for p in here if p.name in own]:
+        part = load_pickle(path)  # oldest first: newer predictions win
+        if part:
+            merged.update(part)
+            sources.append(f"{path.parent.name}/{path.name}")
     if not merged:
         return "nothing saved: starts from the first sample"
     current.mkdir(parents=True, exist_ok=True)
-    targets = [f"{rank}{world_size}_{data}.pkl" for rank in range(world_size)]
     for target in targets:
         with open(current / target, "wb") as f:
             pickle.dump(merged, f)

@@ -517,7 +517,12 @@ def test_carry_forward_copies_a_finished_prediction_file(tmp_path):
     shutil.rmtree(current)  # a torchrun resume: every rank of the coming run gets the saved predictions
     assert _common.carry_forward(model_dir, "N", DATA, world_size=2).endswith(f"02_{DATA}.pkl, 12_{DATA}.pkl")
     assert [p.name for p in _common.rank_pickles(current, DATA)] == [f"02_{DATA}.pkl", f"12_{DATA}.pkl"]
+    assert _common.saved_predictions(model_dir, "N", DATA, world_size=2) == 1
+    # Resumed with one process: VLMEvalKit reads only 01_<data>.pkl, so the two ranks' pickles are merged into it.
+    assert _common.saved_predictions(model_dir, "N", DATA) == 0
+    assert _common.carry_forward(model_dir, "N", DATA).endswith(f"-> {current.name}/01_{DATA}.pkl")
     assert _common.saved_predictions(model_dir, "N", DATA) == 1
+    assert "VLMEvalKit's own state" in _common.carry_forward(model_dir, "N", DATA, world_size=1)
 
 
 def test_score_readers_on_files_vlmeval_wrote(tmp_path, monkeypatch):
