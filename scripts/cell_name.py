@@ -126,6 +126,7 @@ def plan(work: Path, lines: list[str], checks: _Checks | None = None) -> list[st
     family, the dataset name; see ``utils.check_before_loading``) gets the status
     ``invalid: <why>`` (and, when its configuration cannot even be parsed, the name
     ``<display>__?``); the others ``done``, ``partial`` or ``todo``."""
+    from methods import UnknownMethodError
     from utils import ConfigError, PruneConfig
 
     checks = checks or _Checks()
@@ -140,7 +141,7 @@ def plan(work: Path, lines: list[str], checks: _Checks | None = None) -> list[st
         env = parse_env(env_text)
         try:
             name = model_name(model, None if path == "-" else path, env)
-        except ConfigError as e:
+        except (ConfigError, UnknownMethodError) as e:
             name, problem = model_name(model, None if path == "-" else path, {}) + "__?", e
         else:
             problem = None

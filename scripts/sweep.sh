@@ -342,7 +342,7 @@ on_signal() {
     local pids=() job
     for job in $(jobs -p); do mapfile -t -O "${#pids[@]}" pids < <(process_tree "$job"); done
     log "interrupted by SIG$1: stopping the sweep (${#pids[@]} running processes)"
-    ((${#pids[@]})) && kill -TERM "${pids[@]}" 2> /dev/null
+    ((${#pids[@]} == 0)) || kill -TERM "${pids[@]}" 2> /dev/null || true  # some may have exited already
     wait
     log "sweep interrupted in $WORK: run it again to resume"
     exit 130
