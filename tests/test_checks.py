@@ -277,6 +277,17 @@ def test_a_config_json_without_the_depth_gets_the_architectures_default(ckpts, t
     assert check_checkpoint(str(folder), "llava", ["llava"]).num_layers == 32
 
 
+def test_a_config_json_in_the_hubs_flat_qwen_layout(ckpts, tmp_path):
+    """Qwen/Qwen2.5-VL-*-Instruct's config.json keeps the decoder's keys at the top level (no
+    text_config): the depth is read as transformers reads it."""
+    folder = copy_of(ckpts, "qwen", tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    text = config.pop("text_config")
+    text.pop("layer_types", None)
+    (folder / "config.json").write_text(json.dumps({**text, **config, "num_hidden_layers": 7}))
+    assert check_checkpoint(str(folder), *QWEN).num_layers == 7
+
+
 def test_hub_ids_resolve_through_the_local_cache_only(ckpts, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
