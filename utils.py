@@ -1,4 +1,5 @@
-"""Configuration (read from the environment in exactly one place) and timers.
+"""Configuration (read from the environment in exactly one place), the checks a run makes before it
+loads a model (:func:`check_before_loading`), and timers.
 
 Environment variables (all optional; nothing set means no pruning):
 
@@ -42,11 +43,13 @@ import fcntl
 import json
 import logging
 import os
+import re
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -68,6 +71,8 @@ KNOWN_VARS = (
 # Any other variable with one of these prefixes is a typo of ours (e.g. the seed's KEEP_RADIO).
 _CHECKED_PREFIXES = ("KEEP_", "PRUNE_", "INTRA_LLM", "PRE_LLM")
 _DEFAULT_INTRA_LAYER = 2
+# Family.name -> the runner of that family (for messages that name the fix).
+FAMILY_RUNNERS = {"qwen2_5_vl": "run_qwenvl2_5.py", "internvl": "run_internvl3.py", "llava": "run_llava.py"}
 
 
 class ConfigError(ValueError):
@@ -192,23 +197,43 @@ class PruneConfig:
         return replace(self, intra=intra)
 
     def validate_for(self, num_layers: int, family: str | None = None) -> None:
-        """Checks that need the model: layer range, methods that need a previous layer, families."""
+        """The checks that need the model's shape, callable before it loads (``num_layers`` from its
+        ``config.json``, see :func:`check_checkpoint`; ``family`` the runner's ``Family.name``):
+        every pruning layer inside the decoder, no method that reads the previous layer at layer 0,
+        every method applicable to the family. Raises :class:`ConfigError` naming the fix."""
         for spec in self.intra:
+            m = methods.get_method(spec.method)
             if not 0 <= spec.layer < num_layers:
+                if m.schedule is not None:  # a hybrid's layers come from PRUNE_ARGS layers (0-based outputs)
+                    layers = sorted({s.layer - 1 for s in self.intra if s.method == spec.method})
+                    raise ConfigError(
+                        f"{spec.method} prunes the output of layers {'/'.join(map(str, layers))}: out of range for this "
+                        f"model's {num_layers}-layer decoder (0..{num_layers - 1}); set PRUNE_ARGS='layers=...' with "
+                        f"every layer <= {num_layers - 2} (a layer's output is pruned at the next layer's input)"
+                    )
                 raise ConfigError(
                     f"INTRA_LLM_LAYER_SPECS: layer {spec.layer} is out of range for this model's "
                     f"{num_layers}-layer decoder (valid: 0..{num_layers - 1})"
                 )
-            m = methods.get_method(spec.method)
-            if spec.layer == 0 and "last_query_attention_prev" in m.needs:
+            previous = methods.needs_previous_layer(m.needs)
+            if spec.layer == 0 and previous:
                 raise ConfigError(
-                    f"{spec.method} reads the previous layer's attention, so it cannot prune at layer 0: use layer >= 1"
+                    f"{spec.method} reads the previous layer ({', '.join(previous)}), so it cannot prune at layer 0: "
+                    f"use layer >= 1 (e.g. INTRA_LLM_LAYER_SPECS='1:{spec.method}"
+                    + ("" if spec.ratio is None else f":{spec.ratio:g}") + "')"
                 )
         for name in self.method_names:
             m = methods.get_method(name)
             if family and m.families is not None and family not in m.families:
-                why = f": {m.refusal}" if m.refusal else ""
-                raise ConfigError(f"{name} does not apply to {family} (it supports {', '.join(m.families)}){why}")
+                supported = ", ".join(m.families)
+                runners = " or ".join(FAMILY_RUNNERS.get(f, f) for f in m.families)
+                others = sorted(n for n, o in methods.all_methods().items()
+                                if o.stage == m.stage and o.schedule is None and (o.families is None or family in o.families))
+                raise ConfigError(
+                    f"{name} does not apply to {family}: it supports {supported} only. Use {runners} with "
+                    f"a {supported} checkpoint, or another {m.stage} method for {family} ({', '.join(others[:4])}, ...)"
+                    + (f". Why: {m.refusal}" if m.refusal else "")
+                )
 
     def tag(self) -> str:
         """A short, filesystem-safe name of this configuration ('' when nothing is pruned).
@@ -345,7 +370,10 @@ def _parse_specs(text: str, keep_ratio: float | None) -> tuple[LayerSpec, ...]:
         except ValueError:
             raise ConfigError(f"INTRA_LLM_LAYER_SPECS: layer {parts[0]!r} in {item!r} is not an integer") from None
         if layer < 0:
-            raise ConfigError(f"INTRA_LLM_LAYER_SPECS: layer {layer} in {item!r} is negative (layers count from 0)")
+            raise ConfigError(
+                f"INTRA_LLM_LAYER_SPECS: layer {layer} in {item!r} is negative: decoder layers count from 0 "
+                "(0 = the first layer's input; Python-style negative indices are not accepted)"
+            )
         _check_stage(parts[1], "intra_llm", "INTRA_LLM_LAYER_SPECS")
         if not methods.get_method(parts[1]).uses_ratio:
             if len(parts) == 3:
@@ -383,6 +411,284 @@ def _check_names(env: Mapping[str, str]) -> None:
 
 def _is_random(name: str) -> bool:
     return name.startswith("random_")
+
+
+# ---------------------------------------------------------------------- checks before loading a model
+# Everything about a run that can be checked without building the model, so that a mistake stops
+# the runner (or the sweep's plan) in seconds with the fix, instead of after a load or halfway
+# through VLMEvalKit: the checkpoint folder (:func:`check_checkpoint`), the dataset names
+# (:func:`check_datasets`), and the configuration against the checkpoint's depth and family
+# (:meth:`PruneConfig.validate_for`). :func:`check_before_loading` runs all three.
+
+# config.json model types this harness does not run, and what to use instead.
+_OTHER_MODEL_TYPES = {
+    "internvl_chat": "the remote-code InternVL checkpoint (e.g. OpenGVLab/InternVL3-8B); this harness runs the "
+                     "HF-native conversion: use OpenGVLab/InternVL3-<size>-hf with run_internvl3.py",
+    "qwen2_vl": "a Qwen2-VL checkpoint; this harness runs Qwen2.5-VL (run_qwenvl2_5.py)",
+    "llava_next": "a LLaVA-NeXT checkpoint; this harness runs LLaVA-1.5 (llava-hf/llava-1.5-7b-hf, run_llava.py)",
+    "llava_onevision": "a LLaVA-OneVision checkpoint; this harness runs LLaVA-1.5 (run_llava.py)",
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be loaded as asked (missing, incomplete, another family's)."""
+
+
+class CheckpointNotLocal(CheckpointError):
+    """A Hugging Face hub id that is neither a local folder nor in the local Hugging Face cache (with
+    ``download=False``): nothing about it can be checked without the network."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What :func:`check_checkpoint` found: ``path`` (the local folder; a hub id's cached snapshot),
+    ``model_type`` (``config.json``), ``num_layers`` (the decoder's depth,
+    ``text_config.num_hidden_layers`` with the architecture's default where ``config.json`` omits
+    it, as llava-hf's does), ``weights`` (the weight files checked; empty when they are still to be
+    downloaded) and ``config`` (``config.json`` as read)."""
+
+    path: str
+    model_type: str
+    num_layers: int
+    weights: tuple[str, ...]
+    config: Mapping[str, Any]
+
+
+def check_checkpoint(
+    path_or_hub_id: str, family_name: str, expected_model_types: Iterable[str], *, download: bool = False
+) -> CheckpointInfo:
+    """Check a checkpoint without loading it; raise :class:`CheckpointError` naming the fix.
+
+    ``path_or_hub_id``: a local folder, or a Hugging Face hub id (``Qwen/Qwen2.5-VL-7B-Instruct``),
+    which is resolved through the local Hugging Face cache without the network. Not cached:
+    :class:`CheckpointNotLocal`, unless ``download`` (then only ``config.json`` is fetched, and the
+    weights, which ``from_pretrained`` downloads later, are not checked). ``family_name`` is the
+    runner's ``Family.name`` (for messages), ``expected_model_types`` the ``config.json``
+    ``model_type`` values its model class loads (``MODEL_CLASS.config_class.model_type``).
+
+    Checked: the folder exists; ``config.json`` is present, readable JSON with the expected
+    ``model_type`` (another family's says which runner to use) and understood by transformers;
+    weights are present (``*.safetensors`` / ``*.bin``, or an index whose shards all exist), each
+    safetensors file's header read and its size compared with it (a truncated copy is caught
+    without reading the tensors), each zip ``.bin`` complete; a tokenizer file is present.
+    """
+    expected = tuple(expected_model_types)
+    runner = FAMILY_RUNNERS.get(family_name, "the runner")
+    folder, cached = _checkpoint_folder(str(path_or_hub_id), download)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        present = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else []
+        raise CheckpointError(
+            f"{path_or_hub_id}: no config.json in {folder} ("
+            + (f"it holds {', '.join(present)}" if present else "the folder is empty")
+            + "). A Hugging Face checkpoint folder has config.json next to its weights: point --model / "
+            "--model-path at the complete checkpoint (the folder save_pretrained wrote)"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{config_file} cannot be read as JSON ({e}): the checkpoint is damaged; copy it again") from None
+    model_type = config.get("model_type")
+    if model_type not in expected:
+        if model_type in FAMILY_RUNNERS:
+            what = f"this is a {model_type} checkpoint; use {FAMILY_RUNNERS[model_type]}"
+        elif model_type in _OTHER_MODEL_TYPES:
+            what = f"this is {_OTHER_MODEL_TYPES[model_type]}"
+        else:
+            what = f"model_type {model_type!r} is none of the families this harness runs ({', '.join(FAMILY_RUNNERS)})"
+        raise CheckpointError(
+            f"{path_or_hub_id}: {runner} runs {family_name} checkpoints (config.json model_type "
+            f"{' or '.join(map(repr, expected))}), but {what}"
+        )
+    num_layers = _decoder_depth(folder, config)
+    weights = () if (download and not cached and not _has_weights(folder)) else _check_weights(folder, str(path_or_hub_id))
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES) and not (download and not cached):
+        raise CheckpointError(
+            f"{path_or_hub_id}: no tokenizer in {folder} (none of {', '.join(_TOKENIZER_FILES)}): the processor "
+            "cannot be built; copy the checkpoint's tokenizer files (save them with processor.save_pretrained)"
+        )
+    return CheckpointInfo(str(folder), model_type, num_layers, weights, config)
+
+
+def _checkpoint_folder(name: str, download: bool) -> tuple[Path, bool]:
+    """``(local folder, whether it was local or cached)``."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{name} is a file; --model / --model-path take a checkpoint FOLDER (with config.json)")
+        return path.resolve(), True
+    if not _HUB_ID.match(name):
+        raise CheckpointError(f"no checkpoint folder {name} (it does not exist): check the path given to --model / --model-path")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "config.json")
+    if isinstance(found, str):
+        return Path(found).parent, True
+    where = constants.HF_HUB_CACHE
+    if not download:
+        raise CheckpointNotLocal(
+            f"{name} is neither a local folder nor a model in the Hugging Face cache ({where}). Download it first "
+            f"(huggingface-cli download {name}), or pass a local copy with --model-path DIR; if {name} was meant "
+            "as a path, it does not exist"
+        )
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(name, "config.json")).parent, False
+    except Exception as e:  # noqa: BLE001 - offline, unknown repository, gated, network: one message
+        raise CheckpointError(
+            f"{name}: its config.json cannot be fetched from the Hugging Face Hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Check the name, the network (HF_HUB_OFFLINE, a token "
+            "for gated models), or pass a local copy with --model-path DIR"
+        ) from None
+
+
+def _decoder_depth(folder: Path, config: Mapping[str, Any]) -> int:
+    text = config.get("text_config") or {}
+    if isinstance(text.get("num_hidden_layers"), int):
+        return int(text["num_hidden_layers"])
+    try:  # config.json omits it (llava-hf): the architecture's default, as from_pretrained fills it in
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(folder).get_text_config().num_hidden_layers)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{folder / 'config.json'}: transformers cannot read it ({e}); the checkpoint is damaged or too new") from None
+
+
+def _has_weights(folder: Path) -> bool:
+    return any((folder / f).exists() for f in _INDEX_FILES) or any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def _check_weights(folder: Path, name: str) -> tuple[str, ...]:
+    files: list[Path] = []
+    for index_name in _INDEX_FILES:
+        index = folder / index_name
+        if index.exists():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as e:
+                raise CheckpointError(f"{index} is not a readable weight index ({e}): copy the checkpoint again") from None
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{name}: {index_name} lists {len(shards)} weight shards but {len(missing)} are missing from "
+                    f"{folder} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): finish copying the checkpoint"
+                )
+            files = [folder / s for s in shards]
+            break
+    else:
+        files = sorted(folder.glob("*.safetensors")) or sorted(
+            p for p in folder.glob("*.bin") if p.name not in ("training_args.bin",)
+        )
+    if not files:
+        raise CheckpointError(
+            f"{name}: no weights in {folder} (no *.safetensors, *.bin or weight index next to config.json): "
+            "copy the weight files too, or point --model / --model-path at the complete checkpoint"
+        )
+    for f in files:
+        problem = _safetensors_problem(f) if f.suffix == ".safetensors" else _bin_problem(f)
+        if problem:
+            raise CheckpointError(f"{name}: weight file {f} is damaged: {problem}. Copy it again (or re-download)")
+    return tuple(str(f) for f in files)
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header with each tensor's byte range,
+    then the data: its size must be exactly what the header describes (read only the header)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, too short for a safetensors header (truncated)"
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > 1 << 30:
+            return f"its header claims {n} bytes but the file has {size} (truncated or not safetensors)"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            return f"unreadable safetensors header ({e})"
+    expected = 8 + n + end
+    if size < expected:
+        return f"truncated: {size} bytes, its header describes {expected}"
+    if size > expected:
+        return f"{size - expected} bytes beyond what its header describes"
+    return None
+
+
+def _bin_problem(path: Path) -> str | None:
+    """A torch ``.bin`` saved as a zip archive must have its end-of-archive record (a cut copy has
+    none); legacy pickles cannot be checked without loading them."""
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    if is_zip and not zipfile.is_zipfile(path):
+        return "truncated (the zip archive has no end record)"
+    return None
+
+
+def check_datasets(names: Iterable[str], lmu_root: str | os.PathLike | None = None) -> None:
+    """Check ``--data`` names against VLMEvalKit's datasets, the locally registered ones (tiny and
+    proxy, :func:`vlm_adapter.register_local_datasets`) and ``$LMUData/<name>.tsv`` (VLMEvalKit runs
+    any such file as a custom dataset); raise :class:`ConfigError` listing every unknown name with
+    the closest known ones. Imports vlmeval (seconds), unless ``lmu_root`` (VLMEvalKit's data
+    folder) is given and holds ``<name>.tsv`` for every name."""
+    names = list(names)
+    if lmu_root is not None:
+        names = [n for n in names if not (Path(lmu_root) / f"{n}.tsv").is_file()]
+    if not names:
+        return
+    import vlm_adapter  # noqa: F401 - lazily: vlm_adapter imports this module
+    from vlmeval.dataset import DATASET_CLASSES
+    from vlmeval.smp import LMUDataRoot
+
+    vlm_adapter.register_local_datasets()
+    known: set[str] = set()
+    for cls in DATASET_CLASSES:
+        known.update(cls.supported_datasets())
+    try:
+        from vlmeval.dataset.video_dataset_config import supported_video_datasets
+
+        known.update(supported_video_datasets)
+    except ImportError:
+        pass
+    root = Path(LMUDataRoot())
+    local = {p.stem for p in root.glob("*.tsv")} if root.is_dir() else set()
+    problems = []
+    for name in names:
+        if name in known or name in local:
+            continue
+        close = difflib.get_close_matches(name, sorted(known | local), n=3, cutoff=0.6)
+        problems.append(f"{name!r}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    if problems:
+        many = len(problems) > 1
+        raise ConfigError(
+            f"--data: unknown dataset{'s' if many else ''} {', '.join(problems)}: VLMEvalKit has no dataset of "
+            f"{'these names' if many else 'that name'} and there is no {root}/<name>.tsv (LMUData={root}). "
+            "VLMEvalKit's names: python -c \"from vlmeval.dataset import SUPPORTED_DATASETS; print(SUPPORTED_DATASETS)\""
+        )
+
+
+def check_before_loading(
+    config: PruneConfig,
+    checkpoint: str,
+    family_name: str,
+    expected_model_types: Iterable[str],
+    datasets: Iterable[str] = (),
+    *,
+    download: bool = False,
+) -> CheckpointInfo:
+    """:func:`check_checkpoint`, then ``config.validate_for`` with its depth and the family, then
+    :func:`check_datasets`; returns the checkpoint's :class:`CheckpointInfo`. Raises
+    :class:`ConfigError` (:class:`CheckpointError`, :class:`CheckpointNotLocal`) naming the fix."""
+    info = check_checkpoint(checkpoint, family_name, expected_model_types, download=download)
+    config.validate_for(info.num_layers, family_name)
+    check_datasets(datasets)
+    return info
 
 
 # ---------------------------------------------------------------------- timing
@@ -452,34 +758,52 @@ class TimingSink:
     ``prefill_times.txt``); ``jsonl``: one record per sample (see :meth:`write_sample`).
 
     Line format of the text files, tab-separated, first field the milliseconds so that
-    ``float(line.split()[0])`` reads it:
-      method_times_<method>.txt: ``ms  stage  layer(- for pre-LLM)  n_in  n_keep  rank``
-      prefill_times.txt:         ``ms  n_prompt_tokens  n_visual_tokens  n_visual_kept_final  rank``
+    ``float(line.split()[0])`` reads it, last field the configuration that wrote the line:
+      method_times_<method>.txt: ``ms  stage  layer(- for pre-LLM)  n_in  n_keep  rank  label``
+      prefill_times.txt:         ``ms  n_prompt_tokens  n_visual_tokens  n_visual_kept_final  rank  label``
+    ``label`` says which run wrote the line, so runners appending in one directory stay separable:
+    the ``label`` given, else the name of the folder ``jsonl`` is in (the runner writes
+    ``<work-dir>/<model name>/prune_records.jsonl``, so it is the VLMEvalKit model name
+    ``<model>__<configuration tag>``), else the configuration's tag (``vanilla`` unpruned).
+
+    Each JSONL record gets ``rank`` and ``run``: an id of this sink, i.e. of one runner process
+    and configuration (every torchrun rank has its own), so that the records of separate runs
+    appended to one file can be told apart (:func:`scripts._common.cell_records`).
     """
 
     text_dir: Path | None = Path(".")
     jsonl: Path | None = None
     rank: int = field(default_factory=lambda: int(os.environ.get("RANK", "0") or 0))
+    label: str | None = None
+    run: str = field(default_factory=lambda: f"{os.getpid()}-{time.time_ns():x}")
+
+    def label_for(self, cfg: PruneConfig) -> str:
+        if self.label:
+            return self.label
+        if self.jsonl is not None:
+            return Path(self.jsonl).resolve().parent.name
+        return cfg.tag() or "vanilla"
 
     def write_sample(self, record: Mapping[str, Any], cfg: PruneConfig) -> None:
         events = record.get("events", [])
         if self.text_dir is not None:
+            label = self.label_for(cfg)
             if cfg.time_method:
                 for e in events:
                     if e.get("ms") is not None:
                         layer = "-" if e["layer"] is None else e["layer"]
                         append_line(
                             Path(self.text_dir) / f"method_times_{e['method']}.txt",
-                            f"{e['ms']:.4f}\t{e['stage']}\t{layer}\t{e['n_in']}\t{e['n_keep']}\t{self.rank}",
+                            f"{e['ms']:.4f}\t{e['stage']}\t{layer}\t{e['n_in']}\t{e['n_keep']}\t{self.rank}\t{label}",
                         )
             if cfg.time_prefill and record.get("prefill_ms") is not None:
                 append_line(
                     Path(self.text_dir) / "prefill_times.txt",
                     f"{record['prefill_ms']:.4f}\t{record['n_prompt']}\t{record['n_visual']}\t"
-                    f"{record['n_visual_final']}\t{self.rank}",
+                    f"{record['n_visual_final']}\t{self.rank}\t{label}",
                 )
         if self.jsonl is not None:
-            append_line(self.jsonl, json.dumps({**record, "rank": self.rank}))
+            append_line(self.jsonl, json.dumps({**record, "rank": self.rank, "run": self.run}))
 
 
 @contextlib.contextmanager

@@ -544,6 +544,9 @@ def main(family: ModuleType, argv: Sequence[str] | None = None) -> None:
     config = PruneConfig.from_env()
     logger.info("pruning configuration: %s", json.dumps(config.to_dict()))
     options = RunOptions.pop_from(argv)
+    dry_run = "--dry-run" in argv
+    if dry_run:
+        argv.remove("--dry-run")
     if "--model" not in argv:
         raise SystemExit("--model is required (a model name, or a checkpoint folder)")
 
@@ -559,12 +562,21 @@ def main(family: ModuleType, argv: Sequence[str] | None = None) -> None:
     _cpu_distributed()
     work_dir = Path(os.environ.get("MMEVAL_ROOT") or _pop_flag(argv, "--work-dir") or "./outputs")
     start, end = _flag_values(argv, "--model")
-    names = []
+    names, checked = [], []
     for i in range(start, end):
         display, path = resolve_checkpoint(family, argv[i], options.model_path)
         protocol = resolve_protocol(family, display, options)
-        argv[i], _ = register(family, display, path, config, protocol, options, work_dir, Path.cwd())
-        names.append(argv[i])
+        info = check_before_loading(family, config, path, datasets)
+        checked.append(f"{display}: {info.model_type} checkpoint at {info.path}, {info.num_layers} decoder layers")
+        if not dry_run:
+            argv[i], _ = register(family, display, path, config, protocol, options, work_dir, Path.cwd())
+            names.append(argv[i])
+        else:
+            names.append(model_name(display, config, protocol))
+    if dry_run:
+        print("checks passed (nothing loaded); would run " + ", ".join(f"{n} x {d}" for n in names for d in datasets or ["?"]))
+        print("\n".join(checked))
+        return
     sys.argv = [sys.argv[0], *argv, "--work-dir", str(work_dir)]
     infer_only = "--mode" in argv[:-1] and argv[argv.index("--mode") + 1] == "infer"
     with _ErrorLog() as errors:
@@ -574,6 +586,24 @@ def main(family: ModuleType, argv: Sequence[str] | None = None) -> None:
         what = "predictions" if infer_only else "score"
         lines = "\n".join(f"  {name} x {data}: {why}" for name, data, why in missing)
         raise SystemExit(f"{len(missing)} of {len(names) * len(datasets)} model x dataset runs produced no {what}:\n{lines}")
+
+
+def check_before_loading(family: ModuleType, config: PruneConfig, checkpoint: str, datasets: list[str]) -> Any:
+    """Everything checkable before a model loads (``utils.check_before_loading``: the checkpoint
+    folder, its model type and weights, the layers and methods against its depth and family, the
+    dataset names); a failure stops the runner with the message (exit 1). A hub id that is not in
+    the local cache has its ``config.json`` fetched (the weights download when the model loads)."""
+    from utils import CheckpointNotLocal, ConfigError
+    from utils import check_before_loading as check
+
+    model_types = (family.MODEL_CLASS.config_class.model_type,)
+    try:
+        try:
+            return check(config, checkpoint, family.FAMILY.name, model_types, datasets)
+        except CheckpointNotLocal:
+            return check(config, checkpoint, family.FAMILY.name, model_types, datasets, download=True)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
 
 
 class _ErrorLog(logging.Handler):
@@ -631,7 +661,7 @@ def register(
     out.mkdir(parents=True, exist_ok=True)
     (out / "prune_config.json").write_text(json.dumps(
         {"model": path, "protocol": asdict(protocol), "protocol_label": protocol.label, **config.to_dict()}, indent=2))
-    sink = TimingSink(text_dir=text_dir, jsonl=out / "prune_records.jsonl")
+    sink = TimingSink(text_dir=text_dir, jsonl=out / "prune_records.jsonl", label=name)
     vlmeval.config.supported_VLM[name] = functools.partial(
         build_model, family, path, config, protocol, options, sink=sink, loaded=loaded,
     )

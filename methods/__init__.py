@@ -13,9 +13,16 @@ method is one new file::
         return scores.topk(keep).indices            # [keep]; the engine sorts them
 
 Keyword-only parameters with defaults are the method's hyper-parameters; users set them with
-``PRUNE_ARGS="alpha=0.3"`` (checked against this signature). Inputs beyond the features (e.g. the
-attention of the last prompt token) are declared with ``needs=(...)`` and read as
-``ctx["last_query_attention_prev"]``; the engine computes them only for methods that declare them.
+``PRUNE_ARGS="alpha=0.3"`` (checked against this signature). Their valid values are declared on the
+parameter itself and checked before any model loads (``PRUNE_ARGS``, a hybrid's schedule and the
+defaults alike; a value outside them stops the run with the fix)::
+
+    def my_method(ctx, keep, *, alpha: Annotated[float, Range(gt=0, le=1)] = 0.5,
+                  mode: Annotated[str, OneOf("avg", "max")] = "avg") -> torch.Tensor: ...
+
+Inputs beyond the features (e.g. the attention of the last prompt token) are declared with
+``needs=(...)`` and read as ``ctx["last_query_attention_prev"]``; the engine computes them only for
+methods that declare them.
 
 A method returns either ``indices`` (LongTensor ``[keep]``, into ``ctx.features``) or
 ``(indices, features)`` when it merges tokens: ``features`` (``[keep, D]``, in the same order as
@@ -33,8 +40,9 @@ import importlib
 import inspect
 import math
 import pkgutil
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Annotated, Any, Callable, Mapping, NamedTuple
 
 import torch
 
@@ -56,6 +64,9 @@ __all__ = [
     "MIDDLE_LAYER",
     "NEEDS",
     "UnknownMethodError",
+    "Range",
+    "OneOf",
+    "needs_previous_layer",
 ]
 
 STAGES = ("pre_llm", "intra_llm")
@@ -207,6 +218,103 @@ class UnknownMethodError(ValueError):
     """A method name that is not registered (the message lists the close names)."""
 
 
+def needs_previous_layer(needs: tuple[str, ...]) -> list[str]:
+    """The needs among ``needs`` that read the PREVIOUS decoder layer (so cannot exist at layer 0)."""
+    return [n for n in needs if n.startswith(("prev_", "last_query_attention_prev"))]
+
+
+# ----------------------------------------------------------------------------- hyper-parameter constraints
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric hyper-parameter, declared on the parameter:
+    ``temperature: Annotated[float, Range(gt=0)] = 0.03``. On a tuple parameter every element
+    must satisfy them (``layers: Annotated[tuple, Range(ge=0)] = (2, 6)``)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def describe(self) -> str:
+        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>=' if self.ge is not None else '>'} {low[1:]}"
+        if high:
+            return f"{'<=' if self.le is not None else '<'} {high[:-1]}"
+        return "a number"
+
+    def ok(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """The values a hyper-parameter may take: ``mode: Annotated[str, OneOf("avg", "max")] = "avg"``
+    (on a tuple parameter: every element)."""
+
+    choices: tuple[Any, ...]
+
+    def __init__(self, *choices: Any) -> None:
+        object.__setattr__(self, "choices", choices)
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(c) for c in self.choices)
+
+    def ok(self, value: Any) -> bool:
+        return value in self.choices
+
+
+Constraint = Range | OneOf
+
+
+def _declared_constraints(name: str, fn: Callable[..., Any], params: Mapping[str, Any]) -> dict[str, tuple[Constraint, ...]]:
+    """``{parameter: constraints}`` from ``Annotated[type, Range(...) | OneOf(...), ...]`` annotations
+    of the keyword-only hyper-parameters (string annotations are evaluated in ``fn``'s module)."""
+    out: dict[str, tuple[Constraint, ...]] = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.name not in params or p.annotation is p.empty:
+            continue
+        annotation = p.annotation
+        if isinstance(annotation, str):
+            if "Annotated" not in annotation:
+                continue
+            try:
+                annotation = eval(annotation, fn.__globals__)  # noqa: S307 - the method's own source
+            except Exception as e:  # noqa: BLE001
+                raise TypeError(f"{name}: cannot evaluate the annotation of {p.name!r} ({annotation}): {e}") from None
+        if typing.get_origin(annotation) is not Annotated:
+            continue
+        found = tuple(m for m in annotation.__metadata__ if isinstance(m, (Range, OneOf)))
+        if found:
+            out[p.name] = found
+    return out
+
+
+def _show(value: Any) -> str:
+    """A hyper-parameter value as PRUNE_ARGS writes it (tuples as ``a/b/c``)."""
+    if isinstance(value, (tuple, list)):
+        return "/".join(_show(v) for v in value) or "()"
+    return f"{value:g}" if isinstance(value, float) else str(value) if isinstance(value, int) else repr(value)
+
+
+def _violation(method: str, key: str, value: Any, default: Any, constraints: tuple[Constraint, ...]) -> str | None:
+    """What is wrong with ``key=value`` (None when every constraint holds); the message names the fix."""
+    many = isinstance(value, (tuple, list))
+    for c in constraints:
+        bad = [v for v in (value if many else (value,)) if not c.ok(v)]
+        if bad:
+            subject = f"each element must be {c.describe()} ({_show(bad[0])} is not)" if many else f"it must be {c.describe()}"
+            return (f"{method}: {key}={_show(value)} is not valid: {subject}. Set PRUNE_ARGS='{key}=...' to a valid "
+                    f"value, or leave {key} out for its default ({_show(default)})")
+    return None
+
+
 @dataclass(frozen=True)
 class PruneContext:
     """Everything a method may read about one image's visual tokens at one pruning event.
@@ -287,6 +395,8 @@ class PruneMethod:
     # (family, args) -> {layered ViT need: (layer, ...)}: the ViT layers its ``vit_*`` needs refer to.
     vit_layers: Callable[[str, Mapping[str, Any]], Mapping[str, tuple[int, ...]]] | None = None
     pre_stage: bool = False  # a hybrid whose schedule also has a pre-LLM event (layer None)
+    # The valid values of hyper-parameters, declared with them (``Annotated[float, Range(gt=0)]``).
+    constraints: Mapping[str, tuple[Constraint, ...]] = field(default_factory=dict)
 
     @property
     def summary(self) -> str:
@@ -312,7 +422,9 @@ class PruneMethod:
         return {k: tuple(int(x) for x in v) for k, v in self.vit_layers(family, {**self.params, **args}).items()}
 
     def check_args(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        """Validate and coerce ``args`` (strings from the environment allowed) to the defaults' types."""
+        """Validate and coerce ``args`` (strings from the environment allowed) to the defaults' types,
+        then check each value against the constraints declared with its parameter (:class:`Range`,
+        :class:`OneOf`). Raises ``ValueError`` with a message that names the fix."""
         out: dict[str, Any] = {}
         for key, value in args.items():
             if key not in self.params:
@@ -323,6 +435,9 @@ class PruneMethod:
                     f"{self.name} has no hyper-parameter {key!r}.{hint} Its hyper-parameters: {known}."
                 )
             out[key] = _coerce(self.name, key, value, self.params[key])
+            problem = _violation(self.name, key, out[key], self.params[key], self.constraints.get(key, ()))
+            if problem:
+                raise ValueError(problem)
         return out
 
 
@@ -350,6 +465,11 @@ def register_prune(
     pre_stage: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(ctx, keep, *, hyper=default, ...)`` under ``name`` for ``stage``.
+
+    The valid values of a hyper-parameter are declared on it with ``typing.Annotated`` and
+    :class:`Range` / :class:`OneOf` (``temperature: Annotated[float, Range(gt=0)] = 0.03``);
+    :meth:`PruneMethod.check_args` then refuses anything else before a model loads, and a default
+    that breaks its own declaration fails here.
 
     Args:
         name: the name users type (``PRUNE_METHOD=name``); keeps the ``_pre_llm`` /
@@ -408,6 +528,12 @@ def register_prune(
             raise ValueError(f"{name}: need {need!r} does not exist at stage {stage!r}")
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        params = _hyper_parameters(name, fn)
+        constraints = _declared_constraints(name, fn, params)
+        for key, declared in constraints.items():  # a default that breaks its own declaration is a bug
+            problem = _violation(name, key, params[key], params[key], declared)
+            if problem:
+                raise TypeError(f"the default breaks the declared constraint: {problem}")
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             other = _REGISTRY[name].fn
             raise ValueError(
@@ -420,7 +546,7 @@ def register_prune(
             fn=fn,
             needs=tuple(needs),
             exact_count=exact_count and uses_ratio,
-            params=_hyper_parameters(name, fn),
+            params=params,
             source=source,
             paper=paper,
             deviation=deviation,
@@ -434,6 +560,7 @@ def register_prune(
             family_needs=family_needs,
             vit_layers=vit_layers,
             pre_stage=pre_stage,
+            constraints=constraints,
         )
         return fn
 

@@ -9,11 +9,12 @@ DART.get_retained_image_token`` l.397 and ``Qwen2_5-VL/.../modeling_qwen2_5_vl_s
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
-from methods import PruneContext, register_prune
+from methods import PruneContext, Range, register_prune
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,13 @@ def dart_select(
     deviation="Pivots 4+4 in the original's set order and final-norm cosine (UniPruneBench: 10+5, "
     "layer K's input_layernorm); per-pivot count from the harness budget: keep // 8.",
 )
-def dart(ctx: PruneContext, keep: int, *, n_pivots_image: int = 4, n_pivots_text: int = 4) -> torch.Tensor:
+def dart(
+    ctx: PruneContext,
+    keep: int,
+    *,
+    n_pivots_image: Annotated[int, Range(ge=1)] = 4,
+    n_pivots_text: Annotated[int, Range(ge=1)] = 4,
+) -> torch.Tensor:
     """Keep pivot tokens (largest key L1 norm) and, per pivot, the least similar image tokens.
 
     Budget mapping (decided once): the original's per-pivot count is ``N(1-r)/8`` on Qwen and

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
-from methods import PruneContext, register_prune
+from methods import PruneContext, Range, register_prune
 
 
 def gprune_scores(
@@ -45,7 +47,12 @@ def gprune_scores(
     "graph per image (UniPruneBench: InternVL tile 0 and tiles 1..P-1 apart; original: LLaVA-NeXT base/high-res apart).",
 )
 def gprune(
-    ctx: PruneContext, keep: int, *, similarity: float = 0.5, temperature: float = 0.03, iterations: int = 5
+    ctx: PruneContext,
+    keep: int,
+    *,
+    similarity: Annotated[float, Range(ge=-1, le=1)] = 0.5,  # a cosine threshold
+    temperature: Annotated[float, Range(gt=0)] = 0.03,  # divides the adjacency: 0 gives NaN scores
+    iterations: Annotated[int, Range(ge=1)] = 5,  # matrix power: < 1 propagates nothing (negative: an inverse)
 ) -> torch.Tensor:
     """Keep the tokens with the highest propagated feature-norm score on a cosine-similarity graph.
 

@@ -64,11 +64,12 @@ positions here (as for every method of the engine).
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
-from methods import PruneContext, ViTMerge, ViTMergeSkipped, register_prune
+from methods import PruneContext, Range, ViTMerge, ViTMergeSkipped, register_prune
 
 LAYERS = (2, 6, 10, 14)  # 0-based layers whose OUTPUT is filtered (LlamaDynamicvitModel.pruning_layers)
 THRESHOLDS = {192: (0.001, 0.001), 128: (0.0012, 0.001), 64: (0.011, 0.01)}  # scripts/v1_5/eval/*_{192,128,64}.sh
@@ -205,12 +206,12 @@ def mustdrop(
     ctx: PruneContext,
     keep: int,
     *,
-    layers: tuple = LAYERS,
-    global_thr: float = 0.001,
-    individual_thr: float = 0.001,
-    key_ratio: float = 0.08,
-    merge_threshold: float = 0.8,
-    window: int = 3,
+    layers: Annotated[tuple, Range(ge=0)] = LAYERS,  # the original's 0-based layers
+    global_thr: Annotated[float, Range(ge=0, le=1)] = 0.001,  # a share of the total attention
+    individual_thr: Annotated[float, Range(ge=0, le=1)] = 0.001,  # an attention probability
+    key_ratio: Annotated[float, Range(ge=0, le=1)] = 0.08,
+    merge_threshold: Annotated[float, Range(ge=-1, le=1)] = 0.8,  # a cosine similarity
+    window: Annotated[int, Range(ge=2)] = 3,  # a 1x1 window has no pair to compare
 ) -> torch.Tensor:
     """Drop the visual tokens that the text attends to little both in total and individually; keep the ViT key set.
 

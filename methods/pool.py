@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import math
 
+from typing import Annotated
+
 import torch
 
-from methods import PruneContext, register_prune
+from methods import OneOf, PruneContext, register_prune
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ def _frame_budgets(t: int, keep: int) -> list[int]:
     deviation="Any budget (UniPruneBench: 4/16/25 per tile, square targets only, InternVL only); pooled "
     "tokens take the position of their window's centre token instead of the image span's first k slots.",
 )
-def pool(ctx: PruneContext, keep: int, *, mode: str = "avg") -> tuple[torch.Tensor, torch.Tensor]:
+def pool(ctx: PruneContext, keep: int, *, mode: Annotated[str, OneOf(*MODES)] = "avg") -> tuple[torch.Tensor, torch.Tensor]:
     """Pool the visual tokens into `keep` spatial cells (adaptive average or max pooling).
 
     Paper (UniPruneBench): https://arxiv.org/abs/2511.02650

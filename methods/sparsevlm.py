@@ -51,9 +51,11 @@ Deviations (documented in the README table):
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
-from methods import PruneContext, Selection, register_prune
+from methods import OneOf, PruneContext, Range, Selection, register_prune
 
 LLAVA_TOKENS = 576
 LAYERS = (2, 6, 15)  # 0-based layers whose OUTPUT is pruned (score.py :: layer_dict)
@@ -207,13 +209,13 @@ def sparsevlm(
     ctx: PruneContext,
     keep: int,
     *,
-    layers: tuple = LAYERS,
-    retained_tokens: int = 0,
-    budgets: tuple = (),
+    layers: Annotated[tuple, Range(ge=0)] = LAYERS,  # the original's 0-based layers
+    retained_tokens: Annotated[int, OneOf(0, *sorted(BUDGETS))] = 0,  # 0: from KEEP_RATIO
+    budgets: Annotated[tuple, Range(gt=0)] = (),  # tokens of a 576-token image, one per layer
     recycle: bool = True,
-    recycle_ratio: float = 0.3,
-    cluster_ratio: float = 0.1,
-    noise: float = 1e-6,
+    recycle_ratio: Annotated[float, Range(ge=0, le=1)] = 0.3,
+    cluster_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1,
+    noise: Annotated[float, Range(ge=0)] = 1e-6,
 ) -> Selection:
     """Keep the visual tokens the text raters attend to most; recycle the best pruned ones as cluster means.
 

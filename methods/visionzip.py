@@ -38,11 +38,11 @@ pixel-shuffle unit; the image's tiles are selected together (one budget per imag
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import torch
 
-from methods import PruneContext, register_prune
+from methods import PruneContext, Range, register_prune
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -207,7 +207,9 @@ def _layers(family: str, args: dict) -> dict[str, tuple[int, ...]]:
         "of an image together."
     ),
 )
-def visionzip(ctx: PruneContext, keep: int, *, contextual_ratio: float = 10 / 64) -> tuple[torch.Tensor, torch.Tensor]:
+def visionzip(
+    ctx: PruneContext, keep: int, *, contextual_ratio: Annotated[float, Range(ge=0, lt=1)] = 10 / 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the tokens the ViT attends to most (dominant), plus contextual tokens merged by key similarity.
 
     LLaVA: ``keep`` is the original's ``dominant + contextual`` ([CLS] included); ``contextual_ratio``

@@ -9,9 +9,11 @@ https://arxiv.org/abs/2412.01818; original: Theia-4869/VisPruner @aefa01a,
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
-from methods import PruneContext, register_prune
+from methods import PruneContext, Range, register_prune
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -82,7 +84,7 @@ def vispruner_select(
     paper="https://arxiv.org/abs/2412.01818",
     deviation="Not in UniPruneBench's code release; odd residuals handled (the original's expand fails).",
 )
-def vispruner(ctx: PruneContext, keep: int, *, important_ratio: float = 0.5) -> torch.Tensor:
+def vispruner(ctx: PruneContext, keep: int, *, important_ratio: Annotated[float, Range(gt=0, le=1)] = 0.5) -> torch.Tensor:
     """Keep important tokens by ViT [CLS] attention, then diverse ones by similarity pruning.
 
     ``keep`` is the original's ``visual_token_num``; the selection (a mask in the original) is

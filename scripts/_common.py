@@ -242,8 +242,10 @@ def current_pred_root(model_dir: Path) -> Path:
     return model_dir / f"T{date}_G{sha}"
 
 
-def saved_predictions(model_dir: Path, name: str, data: str) -> int:
-    """How many predictions of the cell a run started now would not recompute (current root only)."""
+def saved_predictions(model_dir: Path, name: str, data: str, world_size: int = 1) -> int:
+    """How many predictions of the cell a run of ``world_size`` processes started now would not
+    recompute: the current root's xlsx, else its in-flight pickles of that world size (VLMEvalKit
+    reads no other; :func:`carry_forward` merges the others into them first)."""
     root = current_pred_root(model_dir)
     xlsx = root / f"{name}_{data}.xlsx"
     if xlsx.exists():
@@ -251,27 +253,36 @@ def saved_predictions(model_dir: Path, name: str, data: str) -> int:
 
         return len(pd.read_excel(xlsx, usecols=["index"]))
     done: dict = {}
-    for p in rank_pickles(root, data):
-        done.update(load_pickle(p))
+    for rank in range(world_size):
+        path = root / f"{rank}{world_size}_{data}.pkl"
+        if path.exists():
+            done.update(load_pickle(path))
     return len(done)
 
 
 def carry_forward(model_dir: Path, name: str, data: str, world_size: int = 1) -> str:
-    """Make an interrupted cell resumable whatever day or commit it is now.
+    """Make an interrupted cell resumable whatever day, commit or number of processes it is now.
 
     VLMEvalKit resumes only inside the current prediction root ``T<day>_G<hash>``: the next day, or
     after any commit to the repository holding the venv, it starts from zero unless ``--reuse`` is
-    passed, and even then it takes in-flight ``.pkl`` files only from a root of the same hash. So,
-    before a cell is (re)run: when the current root has neither ``<name>_<data>.xlsx`` nor an
-    in-flight pickle, copy the newest older root's xlsx (all predictions; the evaluation is then
-    redone without building the model), or else merge the older roots' in-flight pickles into
+    passed, and even then it takes in-flight ``.pkl`` files only from a root of the same hash. It
+    also reads only the pickles of its own world size (``<rank><world_size>_<data>.pkl``): a cell
+    interrupted under ``--nproc 2`` and resumed with one process would start over. So, before a cell
+    is (re)run, unless the current root holds ``<name>_<data>.xlsx`` or pickles of the coming world
+    size that hold every prediction saved there (VLMEvalKit's own state): copy the newest older root's xlsx (all predictions; the
+    evaluation is then redone without building the model), or else merge every saved prediction
+    (older roots' pickles, oldest first, then the current root's, of any world size) into
     ``<rank><world_size>_<data>.pkl`` of the current root for every rank of the coming run
-    (``01_<data>.pkl`` for one process; each rank keeps the predictions of its own shard). Nothing
-    is moved or deleted. Returns a one-line summary.
+    (``01_<data>.pkl`` for one process; each rank keeps the predictions of its own shard).
+    Nothing is moved or deleted. Returns a one-line summary.
     """
     current = current_pred_root(model_dir)
     xlsx_name = f"{name}_{data}.xlsx"
-    if (current / xlsx_name).exists() or rank_pickles(current, data):
+    targets = [f"{rank}{world_size}_{data}.pkl" for rank in range(world_size)]
+    own = set(targets)
+    here = rank_pickles(current, data)
+    mine = {k for p in here if p.name in own for k in load_pickle(p)}
+    if (current / xlsx_name).exists() or (mine and all(set(load_pickle(p)) <= mine for p in here if p.name not in own)):
         return f"resumes in {current.name} (VLMEvalKit's own state)"
     older = [r for r in pred_roots(model_dir) if r != current]
     for root in reversed(older):
@@ -283,16 +294,15 @@ def carry_forward(model_dir: Path, name: str, data: str, world_size: int = 1) ->
             return f"copied all predictions {root.name}/{xlsx_name} -> {current.name}/"
     merged: dict = {}
     sources = []
-    for root in older:  # oldest first: newer predictions win
-        for p in rank_pickles(root, data):
-            part = load_pickle(p)
-            if part:
-                merged.update(part)
-                sources.append(f"{root.name}/{p.name}")
+    foreign = [p for p in here if p.name not in own]
+    for path in [p for root in older for p in rank_pickles(root, data)] + foreign + [p for p in here if p.name in own]:
+        part = load_pickle(path)  # oldest first: newer predictions win
+        if part:
+            merged.update(part)
+            sources.append(f"{path.parent.name}/{path.name}")
     if not merged:
         return "nothing saved: starts from the first sample"
     current.mkdir(parents=True, exist_ok=True)
-    targets = [f"{rank}{world_size}_{data}.pkl" for rank in range(world_size)]
     for target in targets:
         with open(current / target, "wb") as f:
             pickle.dump(merged, f)
@@ -379,21 +389,96 @@ def read_records(model_dir: Path) -> list[dict[str, Any] | None]:
 
 def cell_records(work: Path, name: str, data: str, datasets_in_folder: list[str]) -> tuple[list[list[dict]], str]:
     """The records of one cell, one list per attempt (warm-up is per process), and how they were
-    attributed: ``ledger`` (the sweep's), ``whole file`` (no ledger, one dataset in the folder), or
-    ``unattributed`` (no ledger, several datasets: nothing is returned)."""
+    attributed:
+
+    * ``ledger`` (the sweep's): the lines of each attempt that its predictions kept (see
+      :func:`read_ledger`), of this dataset;
+    * ``dataset field`` (a plain runner's work dir, e.g. one runner with several ``--data``): the
+      records naming this dataset (the adapter writes it in every record), split into runs by the
+      sink's ``run`` id (or, in older records, where the sample numbering restarts); when a run
+      recomputed samples an earlier one had done (a failed or killed run resumed), the earlier
+      run's records beyond what was saved are dropped (:func:`final_runs`), so a cell never counts
+      more records than it has predictions. Records of a dataset that has no cell (its run failed
+      before a score) are attributed to nothing;
+    * ``whole file`` (records without a dataset field, one dataset in the folder, no ledger);
+    * ``unattributed`` (none of these: nothing is returned).
+    """
     model_dir = work / name
     records = read_records(model_dir)
     ledger = read_ledger(work, name, len(records))
     if data in ledger:
         out = []
         for a in ledger[data]:
-            part = [r for r in records[a.start : a.start + (a.useful or 0)] if r is not None]
+            part = [r for r in records[a.start : a.start + (a.useful or 0)] if r is not None and r.get("dataset") in (None, data)]
             if part:
                 out.append(part)
         return out, "ledger"
-    if not ledger and len(datasets_in_folder) == 1:
+    mine = [r for r in records if r is not None and r.get("dataset") == data]
+    if mine:
+        return final_runs(split_runs(mine), prediction_count(model_dir, name, data)), "dataset field"
+    if not ledger and len(datasets_in_folder) == 1 and not any(r and r.get("dataset") for r in records):
         return [[r for r in records if r is not None]], "whole file"
     return [], "unattributed"
+
+
+def split_runs(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Consecutive runner processes in one dataset's records, in file order. A process is a
+    ``run`` id (:class:`utils.TimingSink`); the ranks of one ``torchrun`` attempt (one id each, their
+    records interleaved) form one run. Records without ``run``: a new run starts where a rank's
+    sample number does not follow its previous one (each process numbers its samples from 1)."""
+    if all("run" in r for r in records):
+        first: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for i, r in enumerate(records):
+            first.setdefault(r["run"], i)
+            last[r["run"]] = i
+        runs: list[list[dict[str, Any]]] = []
+        end = -1
+        for i, r in enumerate(records):
+            if i == first[r["run"]] and i > end:  # a process that starts after every earlier one ended
+                runs.append([])
+            end = max(end, last[r["run"]])
+            runs[-1].append(r)
+        return runs
+    runs, previous = [], {}
+    for r in records:
+        rank, sample = int(r.get("rank") or 0), r.get("sample")
+        if not runs or (rank in previous and sample != previous[rank] + 1):
+            runs.append([])
+            previous = {}
+        previous[rank] = sample
+        runs[-1].append(r)
+    return runs
+
+
+def final_runs(runs: list[list[dict[str, Any]]], n_predictions: int | None) -> list[list[dict[str, Any]]]:
+    """The records behind the cell's ``n_predictions`` predictions: the last run's, then, going back,
+    each earlier run's first records up to the predictions the later runs did not recompute (a
+    resumed run recomputes only what was not saved, in order; a run started afresh recomputes
+    all). ``n_predictions`` None (unknown): every run whole."""
+    if n_predictions is None:
+        return [r for r in runs if r]
+    out, left = [], n_predictions
+    for run in reversed(runs):
+        part = run[: max(0, left)]
+        left -= len(part)
+        if part:
+            out.append(part)
+    return out[::-1]
+
+
+def prediction_count(model_dir: Path, name: str, data: str) -> int | None:
+    """Rows of the cell's predictions file next to its score file (None when there is none)."""
+    score = find_score_file(model_dir, name, data)
+    xlsx = score.parent / f"{name}_{data}.xlsx" if score is not None else None
+    if xlsx is None or not xlsx.exists():
+        return None
+    import pandas as pd
+
+    try:
+        return len(pd.read_excel(xlsx, usecols=["index"]))
+    except Exception:  # noqa: BLE001 - an unreadable file: no trimming
+        return None
 
 
 def iter_model_dirs(work: Path) -> Iterator[Path]:

@@ -15,7 +15,9 @@ of the original visual tokens that reaches the last decoder layer (``KEEP_RATIO`
 method, the last intra-LLM ratio otherwise).
 
 System metrics, one row per cell (model name x dataset), from ``prune_records.jsonl`` (records
-attributed to datasets through the sweep's ledger, see ``scripts/_common.py``):
+attributed to datasets through the sweep's ledger, or, in a plain runner's work dir, by the dataset
+each record names; records of runs whose predictions were not kept are left out, see
+:func:`scripts._common.cell_records`):
   * prefill ms and method ms (sum of the sample's pruning events), mean and median over samples,
     the first ``--warmup`` samples of every runner process excluded (warm-up; per ``torchrun`` rank,
     and per cell with ``sweep.sh --one-load``, where one process runs many cells);
@@ -263,7 +265,7 @@ def system_metrics(work: Path, name: str, data: str, datasets: list[str], checkp
     ledger = _common.read_ledger(work, name, len(_common.read_records(work / name))).get(data, [])
     secs = [a.seconds for a in ledger if a.seconds is not None]
     m["total s"] = sum(secs) if secs else None
-    m["runs"] = len(ledger)
+    m["runs"] = len(ledger) if ledger else len(attempts)
     m["visual in"] = _mean([r["n_visual"] for r in records])
     m["visual final"] = _mean([r["n_visual_final"] for r in records])
     shape = decoder_shape(checkpoint) if records else None

@@ -40,18 +40,29 @@
 #                      pruning configuration between cells (scripts/sweep_one_load.py); same folders,
 #                      names, ledger and records as the default one-runner-per-cell path. Not with
 #                      --jobs > 1 or --nproc > 1
-#   --python PY        interpreter (default $PYTHON, else python)
+#   --python PY        interpreter (default $PYTHON, else python; a relative path, e.g. .venv/bin/python,
+#                      is taken from the folder the sweep is started in)
 #   --no-timing        do not set METHOD_TIME=1 PREFILL_TIME=1 (vanilla cells then write no records)
-#   --dry-run          list the cells with their state (done / partial / todo) and commands; run nothing
+#   --dry-run          list the cells with their state (done / partial / todo, or invalid with why) and
+#                      commands; run nothing; exit 1 when a cell is invalid
 #   -- ARGS...         runner flags for every cell, replacing the config's RUNNER_ARGS (e.g.
 #                      -- --judge exact_matching --max-new-tokens 8; a bare -- passes none)
+#
+# Invalid cells: the plan makes the checks a runner makes before it loads a model (the configuration,
+# the checkpoint folder, layers against its depth, the method's family, the dataset name; a hub id
+# that is not in the local Hugging Face cache is checked when its cells run). A cell that fails them
+# is never started: it is logged as FAIL with the reason, and the sweep exits 1.
+#
+# Stopping: Ctrl-C (or SIGTERM to the sweep) stops every running cell, torchrun ranks included, and
+# the sweep (exit 130); run it again to resume.
 #
 # Skipping and resuming: a cell is done when VLMEvalKit's score file for <model name>/<dataset>
 # exists (the model name is <model>[__<protocol tag>]__<PruneConfig tag or vanilla>, computed by
 # `python -m scripts.cell_name` from the cell and the runner flags);
 # done cells are skipped. Before an unfinished cell runs, `cell_name resume` carries its saved
 # predictions into the prediction root VLMEvalKit will use (VLMEvalKit alone resumes only the same
-# day and commit; see scripts/_common.py:carry_forward), so only the missing samples are recomputed.
+# day and commit, and only the pickles of the same --nproc; see scripts/_common.py:carry_forward), so
+# only the missing samples are recomputed.
 # Bookkeeping lands in <work-dir>/_sweep/<model name>/: ledger.tsv (which records of
 # prune_records.jsonl belong to which dataset and attempt) and <dataset>/run.log plus the seed's
 # timing files (each runner runs in that folder).
@@ -122,6 +133,14 @@ if [[ -n $SHARD ]]; then
     SHARD_I=${BASH_REMATCH[1]} SHARD_N=${BASH_REMATCH[2]}
     ((SHARD_I < SHARD_N)) || die "--shard I/N needs I < N"
 fi
+
+# Each cell runs in its own folder (cd), so a relative interpreter (PYTHON=.venv/bin/python) is made
+# absolute here, without resolving symlinks (a venv's python must stay the venv's).
+if [[ $PY == */* ]]; then
+    [[ -d $(dirname "$PY") ]] || die "no python $PY (--python / PYTHON): its folder does not exist"
+    PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
+fi
+[[ -x $PY ]] || command -v "$PY" > /dev/null || die "no python $PY (--python / PYTHON)"
 
 WORK="$(realpath -m "$WORK_DIR")"
 ((DRY)) || mkdir -p "$WORK"
@@ -217,6 +236,17 @@ for g in "${!group_names[@]}"; do
     if [[ -z $SHARD ]] || ((g % SHARD_N == SHARD_I)); then selected+=("$g"); fi
 done
 
+# Cells the runner would refuse before loading (the plan's status "invalid: <why>": configuration,
+# checkpoint folder, depth, family, dataset name) are never started: run_lines holds the others.
+invalid=() run_lines=()
+for g in "${selected[@]}"; do
+    run_lines[g]=""
+    while IFS= read -r line; do
+        [[ -z $line ]] && continue
+        if [[ $line == invalid:* ]]; then invalid+=("$line"); else run_lines[g]+="$line"$'\n'; fi
+    done <<< "${group_lines[$g]}"
+done
+
 command_of() {  # runner model path data -> the runner command, one word per line
     local runner=$1 model=$2 path=$3 data=$4
     printf '%s\n' "$PY"
@@ -235,12 +265,16 @@ if ((DRY)); then
             [[ -z $name ]] && continue
             mapfile -t cmd < <(command_of "$runner" "$model" "$path" "$data")
             timing=$([[ $TIMING == 1 ]] && echo " METHOD_TIME=1 PREFILL_TIME=1")
+            if [[ $status == invalid:* ]]; then  # why first: the command would stop with this message
+                printf 'invalid %s  %s  |  %s  |  export%s%s; %s\n' "$name" "$data" "${status#invalid: }" "${env:+ $env}" "$timing" "${cmd[*]}"
+                continue
+            fi
             printf '%-7s %s  %s  |  export%s%s; %s\n' "$status" "$name" "$data" "${env:+ $env}" "$timing" "${cmd[*]}"
             n=$((n + 1)); [[ $status == done ]] && ndone=$((ndone + 1))
         done <<< "${group_lines[$g]}"
     done
-    log "dry run: $n cells ($ndone done, $((n - ndone)) to run), work dir $WORK$( ((ONE_LOAD)) && echo '; --one-load: one process, each checkpoint loaded once')"
-    exit 0
+    log "dry run: $((n + ${#invalid[@]})) cells ($ndone done, $((n - ndone)) to run, ${#invalid[@]} invalid), work dir $WORK$( ((ONE_LOAD)) && echo '; --one-load: one process, each checkpoint loaded once')"
+    exit $((${#invalid[@]} > 0))
 fi
 
 nlines() { if [[ -f $1 ]]; then wc -l < "$1" | tr -d ' '; else echo 0; fi; }
@@ -293,27 +327,56 @@ run_group() {  # the cells of one model name, in order, under a lock (two sweeps
     while IFS=$'\t' read -r status name runner model path data env; do
         [[ -z $name ]] && continue
         run_cell "$status" "$name" "$runner" "$model" "$path" "$data" "$env" || failed=$((failed + 1))
-    done <<< "${group_lines[$g]}"
+    done <<< "${run_lines[g]}"
     return $((failed > 0))
 }
 
+# Ctrl-C (SIGINT to the whole foreground process group) or a SIGTERM to the sweep stops the whole
+# sweep, not one cell: every group of cells runs as a background job (whose processes ignore SIGINT,
+# as background jobs of a script do), so this shell's trap runs at once; it sends SIGTERM to every
+# process of the running jobs (collected first: torchrun's ranks included, and a group cannot
+# start its next cell in between) and exits 130. The killed cell has a start line and no end line
+# in its ledger, as a killed sweep always had: the next run resumes it.
+process_tree() { local pid=$1 child; echo "$pid"; for child in $(pgrep -P "$pid" 2> /dev/null); do process_tree "$child"; done; }
+on_signal() {
+    trap '' INT TERM
+    local pids=() job
+    for job in $(jobs -p); do mapfile -t -O "${#pids[@]}" pids < <(process_tree "$job"); done
+    log "interrupted by SIG$1: stopping the sweep (${#pids[@]} running processes)"
+    ((${#pids[@]} == 0)) || kill -TERM "${pids[@]}" 2> /dev/null || true  # some may have exited already
+    wait
+    log "sweep interrupted in $WORK: run it again to resume"
+    exit 130
+}
+trap 'on_signal INT' INT
+trap 'on_signal TERM' TERM
+
 failed=0 running=0
+for line in ${invalid[@]+"${invalid[@]}"}; do
+    IFS=$'\t' read -r status name _ _ _ data _ <<< "$line"
+    log "FAIL  $name  $data (not run: ${status#invalid: })"
+    failed=1
+done
 if ((ONE_LOAD)); then
     selected_lines=""
-    for g in "${selected[@]}"; do selected_lines+=${group_lines[$g]}; done
+    for g in "${selected[@]}"; do selected_lines+=${run_lines[g]}; done
     timing_flag=$([[ $TIMING == 1 ]] || echo --no-timing)
-    printf '%s' "$selected_lines" | (
-        clear_pruning_env
-        PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m scripts.sweep_one_load --work-dir "$WORK" \
-            ${timing_flag:+"$timing_flag"} -- ${RUNNER_ARGS[@]+"${RUNNER_ARGS[@]}"}
-    ) || failed=1
+    {
+        printf '%s' "$selected_lines" | (
+            clear_pruning_env
+            PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m scripts.sweep_one_load --work-dir "$WORK" \
+                ${timing_flag:+"$timing_flag"} -- ${RUNNER_ARGS[@]+"${RUNNER_ARGS[@]}"}
+        )
+    } &
+    wait $! || failed=1
     selected=()
 fi
 for g in "${selected[@]}"; do
+    [[ -n ${run_lines[g]} ]] || continue  # every cell of this name was invalid
+    (run_group "$g") &
     if ((JOBS == 1)); then
-        (run_group "$g") || failed=1
+        wait $! || failed=1
     else
-        (run_group "$g") &
         running=$((running + 1))
         if ((running >= JOBS)); then wait -n || failed=1; running=$((running - 1)); fi
     fi

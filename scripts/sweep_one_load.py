@@ -177,6 +177,10 @@ def run(work: Path, plan: list[list[str]], runner_args: list[str], timing: bool)
     for (runner, model, path), cells in groups.items():
         group = Group(runner, model, path, runner_args, timing)
         for status, name, _, _, _, data, env_text in cells:
+            if status.startswith("invalid"):  # the plan's checks refused it: never started
+                logger.info("FAIL  %s  %s (not run: %s)", name, data, status.partition(": ")[2])
+                failed += 1
+                continue
             model_dir = work / name
             if status != "done":
                 status = _common.cell_status(model_dir, name, data)

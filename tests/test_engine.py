@@ -12,7 +12,7 @@ import torch
 import methods
 import prune_engine
 from families import ATOL, FAMILIES, FamilySpec, cfg, check_against_reference, greedy, spy_on
-from reference import drops_from_trace
+from reference import drops_from_trace, reference_logits
 from utils import ConfigError
 
 
@@ -305,3 +305,45 @@ def test_saved_and_reloaded_checkpoint_is_identical(fam, model, tmp_path):
     assert torch.equal(a_seq, b_seq)
     torch.testing.assert_close(b_logits, a_logits, atol=1e-6, rtol=0)
     torch.testing.assert_close(b_steps, a_steps, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_a_multi_token_forward_over_a_pruned_cache_equals_the_reference(fam, model, patched):
+    """After a pruned prefill the caches differ per layer (layers 0-1 hold the pre-LLM survivors,
+    layers 2-3 fewer): a 2-token continuation (a chat turn, speculative decoding) must mask each
+    layer by its own cache length, every new token seeing the whole cache and the new tokens before
+    it. Greedy decoding feeds one token at a time and never builds such a mask."""
+    inputs = fam.inputs(seed=8)
+    fam.module.patch(model, cfg(**CONFIGS["combined"]))
+    out = model(**inputs, use_cache=True)
+    cache = out.past_key_values
+    assert len({cache.get_seq_length(i) for i in range(4)}) == 2  # two cache lengths
+    drops = drops_from_trace(model.prune_trace)
+    nxt = torch.tensor([[5, 9]])  # two ordinary text tokens
+    logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[0]  # [2, V]
+    ids = torch.cat([inputs["input_ids"], nxt], dim=1)
+    fam.module.unpatch(model)
+    try:
+        ref, _ = reference_logits(fam.ref, model, inputs, ids, drops)  # the unpatched model, no cache
+        torch.testing.assert_close(logits, ref[-2:], atol=ATOL, rtol=0)
+    finally:
+        fam.module.patch(model)
+
+
+@torch.no_grad()
+def test_the_method_timer_includes_the_scores_computed_for_the_method(fam, model, patched, monkeypatch):
+    """FastV's input (the previous layer's last-query attention) is computed by the engine for it
+    alone: its cost is the method's, so the method's ms must contain it (here a 60 ms stand-in)."""
+    import time
+
+    original = prune_engine.last_query_attention
+
+    def slow(*args, **kwargs):
+        time.sleep(0.06)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prune_engine, "last_query_attention", slow)
+    fam.module.patch(model, cfg(INTRA_LLM_LAYER_SPECS="2:fastv_intra_llm:0.5", METHOD_TIME=1))
+    model(**fam.inputs())
+    (event,) = model.prune_trace
+    assert event.method == "fastv_intra_llm" and event.ms >= 60

@@ -276,8 +276,8 @@ def _pred_score(work: Path, name: str, data: str) -> tuple[pd.DataFrame, pd.Data
 
 
 def _comparable(record: dict) -> dict:
-    """A record without what differs between two runs of the same cell (times, memory, file paths)."""
-    out = {k: v for k, v in record.items() if k not in ("prefill_ms", "images", "peak_memory_bytes")}
+    """A record without what differs between two runs of the same cell (times, memory, file paths, the run's id)."""
+    out = {k: v for k, v in record.items() if k not in ("prefill_ms", "images", "peak_memory_bytes", "run")}
     out["events"] = [{k: v for k, v in e.items() if k != "ms"} for e in record["events"]]
     return out
 
@@ -425,7 +425,7 @@ def test_torchrun_two_ranks_give_the_one_process_results(setup, torchrun):
     shell, ranks = _pred_score(setup["work"], name, DATA), _pred_score(work, name, DATA)
     assert shell[0].equals(ranks[0]) and shell[1].equals(ranks[1])
     assert not list((work / name).glob(f"T*/*_{DATA}.pkl"))  # the rank pickles were merged and removed
-    # Each rank built its own model and wrote its own records and timing lines (rank in the last field).
+    # Each rank built its own model and wrote its own records and timing lines (rank, then the configuration, last).
     records = _common.cell_records(work, name, DATA, [DATA])[0][0]
     assert sorted(r["rank"] for r in records) == [0] * (N_SAMPLES // 2) + [1] * (N_SAMPLES // 2)
     one = _common.cell_records(setup["work"], name, DATA, [DATA])[0][0]
@@ -436,7 +436,8 @@ def test_torchrun_two_ranks_give_the_one_process_results(setup, torchrun):
     folder = work / _common.SWEEP_DIR / name / DATA
     for timing in ("prefill_times.txt", "method_times_fastv_intra_llm.txt"):
         lines = (folder / timing).read_text().splitlines()
-        assert sorted(line.split("\t")[-1] for line in lines) == ["0"] * (N_SAMPLES // 2) + ["1"] * (N_SAMPLES // 2)
+        assert sorted(line.split("\t")[-2] for line in lines) == ["0"] * (N_SAMPLES // 2) + ["1"] * (N_SAMPLES // 2)
+        assert {line.split("\t")[-1] for line in lines} == {name}  # the configuration that wrote the lines
     # The overlay finds the row of rank 0's third sample (row 4) and checks the record against it.
     assert plots.first_run_record(records, 3)[1] == 4
     png = plots.overlay(work, name, DATA, 3, setup["root"] / "lmu", work / "_report")
@@ -529,7 +530,12 @@ def test_carry_forward_copies_a_finished_prediction_file(tmp_path):
     shutil.rmtree(current)  # a torchrun resume: every rank of the coming run gets the saved predictions
     assert _common.carry_forward(model_dir, "N", DATA, world_size=2).endswith(f"02_{DATA}.pkl, 12_{DATA}.pkl")
     assert [p.name for p in _common.rank_pickles(current, DATA)] == [f"02_{DATA}.pkl", f"12_{DATA}.pkl"]
+    assert _common.saved_predictions(model_dir, "N", DATA, world_size=2) == 1
+    # Resumed with one process: VLMEvalKit reads only 01_<data>.pkl, so the two ranks' pickles are merged into it.
+    assert _common.saved_predictions(model_dir, "N", DATA) == 0
+    assert _common.carry_forward(model_dir, "N", DATA).endswith(f"-> {current.name}/01_{DATA}.pkl")
     assert _common.saved_predictions(model_dir, "N", DATA) == 1
+    assert "VLMEvalKit's own state" in _common.carry_forward(model_dir, "N", DATA, world_size=1)
 
 
 def test_score_readers_on_files_vlmeval_wrote(tmp_path, monkeypatch):

@@ -52,7 +52,7 @@ def test_method_and_prefill_times_are_appended_per_sample(tmp_path):
         {"KEEP_RATIO": "0.25", "PRUNE_METHOD_PRE_LLM": "divprune_pre_llm",
          "INTRA_LLM_LAYER_SPECS": "2:fastv_intra_llm:0.125", "METHOD_TIME": "1", "PREFILL_TIME": "yes"}
     )
-    sink = TimingSink(text_dir=tmp_path, jsonl=tmp_path / "records.jsonl", rank=0)
+    sink = TimingSink(text_dir=tmp_path, jsonl=tmp_path / "records.jsonl", rank=0, label="tiny__" + cfg.tag())
     model = custom_qwenvl.patch(tm.tiny_qwen(), cfg, sink)
     inputs = tm.qwen_inputs()
     model.generate(**inputs, max_new_tokens=3, do_sample=False)  # one prefill: one line per event
@@ -61,15 +61,16 @@ def test_method_and_prefill_times_are_appended_per_sample(tmp_path):
     fastv = (tmp_path / "method_times_fastv_intra_llm.txt").read_text().splitlines()
     prefill = (tmp_path / "prefill_times.txt").read_text().splitlines()
     assert len(div) == len(fastv) == len(prefill) == 2
-    ms, stage, layer, n_in, n_keep, rank = div[0].split("\t")
-    assert float(ms) > 0 and (stage, layer, n_in, n_keep, rank) == ("pre_llm", "-", "16", "4", "0")
-    assert fastv[0].split("\t")[1:] == ["intra_llm", "2", "4", "2", "0"]
+    label = "tiny__divprune_pre_llm-r0.25__L2-fastv_intra_llm-r0.125"  # which configuration wrote the line: last
+    ms, stage, layer, n_in, n_keep, rank, written_by = div[0].split("\t")
+    assert float(ms) > 0 and (stage, layer, n_in, n_keep, rank, written_by) == ("pre_llm", "-", "16", "4", "0", label)
+    assert fastv[0].split("\t")[1:] == ["intra_llm", "2", "4", "2", "0", label]
     n_prompt = inputs["input_ids"].shape[1]
-    assert prefill[0].split("\t")[1:] == [str(n_prompt), "16", "2", "0"]
+    assert prefill[0].split("\t")[1:] == [str(n_prompt), "16", "2", "0", label]
     # The prefill covers the method calls it contains.
     assert float(prefill[0].split("\t")[0]) > float(ms)
     records = [json.loads(x) for x in (tmp_path / "records.jsonl").read_text().splitlines()]
-    assert [r["sample"] for r in records] == [1, 2]
+    assert [r["sample"] for r in records] == [1, 2] and records[0]["run"] == records[1]["run"] == sink.run
     assert [e["method"] for e in records[0]["events"]] == ["divprune_pre_llm", "fastv_intra_llm"]
     assert records[0]["events"][1]["kept"] == model.prune_trace[1].kept
 
