@@ -1,6 +1,6 @@
-"""The accuracy plots on hand-made cells (``scripts/plots.py``, ``scripts/plot_style.py``): x ticks
-at the evaluated ratios, tied methods visible, panels without data left out, vanilla as a
-reference, one style per method everywhere. Seconds, no model."""
+"""The accuracy plots on hand-made cells (``scripts/plots.py``, ``scripts/plot_style.py``) and the
+demo's (``scripts/demo.py:plot``): x ticks at the evaluated ratios, tied methods visible, panels
+without data left out, vanilla as a reference, one style per method everywhere. Seconds, no model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 
-from scripts import aggregate, plot_style, plots  # noqa: E402
+from scripts import aggregate, demo, plot_style, plots  # noqa: E402
+from synthetic import proxy_data  # noqa: E402
 
 RATIOS = (0.333, 0.222, 0.111)
 
@@ -157,3 +158,57 @@ def test_make_plots_writes_each_figure_once(tmp_path):
     assert [p.name for p in paths] == ["M_accuracy_vs_ratio.png", "M_accuracy_vs_prefill.png", "M_accuracy_vs_gflops.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- the demo's plot
+def _demo_rows(tie: bool = True) -> list[dict]:
+    rows = [{"family": "f", "method": "vanilla", "ratio": 1.0, **{t: 100.0 for t in proxy_data.TYPES}, "avg": 100.0,
+             "kept": 64.0, "visual": 64}]
+    for i, r in enumerate(demo.RATIOS):
+        for m in ("random_pre_llm", "divprune_pre_llm", "fastv_intra_llm"):
+            acc = {t: 100.0 if (tie and m != "fastv_intra_llm") else 50.0 + 10 * i for t in proxy_data.TYPES}
+            rows.append({"family": "f", "method": m, "ratio": r, **acc, "avg": 100.0, "kept": round(64 * r), "visual": 64})
+    return rows
+
+
+def test_demo_plot_ticks_ties_and_panels(tmp_path, monkeypatch):
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    path = demo.plot(_demo_rows(), "f", tmp_path / "f.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = figs
+    panels = _panels(fig)
+    assert list(panels) == [*proxy_data.TYPES, "average"]
+    for title, ax in panels.items():
+        assert list(ax.get_xticks()) == pytest.approx(sorted(demo.RATIOS)), title
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["11.1 %\n7/64 tokens", "22.2 %\n14/64 tokens",
+                                                                "33.3 %\n21/64 tokens"]
+        lines = _method_lines(ax)
+        div, rnd = lines["divprune_pre_llm"], lines["random_pre_llm"]
+        assert list(div.get_ydata()) == list(rnd.get_ydata()) == [100.0] * 3  # tied with each other and vanilla
+        assert all(a != b for a, b in zip(div.get_xdata(), rnd.get_xdata())) and div.get_marker() != rnd.get_marker()
+        assert ax.get_ylim()[1] > 100  # a tie at 100 is not cut by the frame
+    (legend,) = fig.legends
+    assert "vanilla (100 % tokens)" in [t.get_text() for t in legend.get_texts()]
+    monkeypatch.undo()
+    plt.close("all")
+
+
+def test_demo_plot_leaves_out_a_type_without_scores(tmp_path, monkeypatch):
+    rows = _demo_rows()
+    for r in rows:
+        r["text"] = None
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    demo.plot(rows, "f", tmp_path / "f.png")
+    assert list(_panels(figs[0])) == ["global", "attribute", "counting", "existence", "average"]
+    monkeypatch.undo()
+    plt.close("all")
+
+
+def test_demo_and_sweep_plots_style_a_method_alike():
+    """The demo labels FastV ``fastv_intra_llm``, the sweep's tables ``fastv_intra_llm@L2``: same styles."""
+    mine = plot_style.method_styles(token.split(":", 1)[1] for token in demo.METHODS)
+    sweep = plot_style.method_styles(["vanilla", "divprune_pre_llm", "fastv_intra_llm@L2", "random_pre_llm"])
+    assert [mine[m] for m in ("divprune_pre_llm", "fastv_intra_llm", "random_pre_llm")] == \
+        [sweep[m] for m in ("divprune_pre_llm", "fastv_intra_llm@L2", "random_pre_llm")]
