@@ -85,11 +85,13 @@ def set_ratio_ticks(ax: plt.Axes, ratios: Iterable[float], kept: dict[float, str
     ax.set_xlim(lo - pad, hi + pad)
 
 
-def score_ylim(ax: plt.Axes, values: Iterable[float]) -> None:
-    """0-100 with a margin where every value is a percentage (ties at 100 stay visible), else automatic."""
+def score_ylim(ax: plt.Axes, values: Iterable[float], headroom: float = 4) -> None:
+    """0-100 with a margin where every value is a percentage (ties at 100 stay visible; ``headroom``
+    above 100 leaves room for point labels), ticks every 20; else automatic."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if vals and all(0 <= v <= 100 for v in vals):
-        ax.set_ylim(-4, 104)
+        ax.set_ylim(-4, 100 + headroom)
+        ax.set_yticks(range(0, 101, 20))
 
 
 def legend_handles(styles: dict[str, Style], vanilla: bool = True, star: bool = False,
@@ -135,22 +137,25 @@ def finish(fig: plt.Figure, handles: list, labels: list[str], title: str, note: 
 _LABEL_SPOTS = [((6, 0), "left", "center"), ((-6, 0), "right", "center"), ((0, 7), "center", "bottom"),
                 ((0, -7), "center", "top"), ((5, 5), "left", "bottom"), ((5, -5), "left", "top"),
                 ((-5, 5), "right", "bottom"), ((-5, -5), "right", "top")]
-_LABEL_SPOTS += [((2 * dx, 2 * dy), ha, va) for (dx, dy), ha, va in _LABEL_SPOTS]
+_LABEL_SPOTS += [((k * dx, k * dy), ha, va) for k in (2, 3) for (dx, dy), ha, va in _LABEL_SPOTS[:8]]
 
 
-def place_labels(ax: plt.Axes, items: list[tuple[float, float, str, object]], fontsize: float = 7) -> None:
-    """Label points ``(x, y, text, colour)`` without overlapping one another, the points or the frame:
-    each label takes the first free spot around its point (else the least crowded one). Call it
-    once the figure's layout is final (after :func:`finish`), since it measures in pixels."""
+def place_labels(ax: plt.Axes, items: list[tuple[float, float, str, object]], fontsize: float = 7,
+                 obstacles: Iterable[tuple[float, float]] = ()) -> None:
+    """Label points ``(x, y, text, colour)`` without overlapping one another, the points, the other
+    ``obstacles`` (unlabelled points, e.g. vanilla's star) or the frame: each label takes the first
+    free spot around its point (else the least crowded one). Call it once the figure's layout is
+    final (after :func:`finish`), since it measures in pixels."""
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     pad = 5 * fig.dpi / 72  # a marker's half size, in pixels
-    points = [ax.transData.transform((x, y)) for x, y, _, _ in items]
+    points = [ax.transData.transform((x, y)) for x, y in [(i[0], i[1]) for i in items] + list(obstacles)]
     taken = [matplotlib.transforms.Bbox([[px - pad, py - pad], [px + pad, py + pad]]) for px, py in points]
 
     def cost(box) -> float:
         inside = box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1
+        box = box.padded(1.5)  # labels that merely touch read as one
         overlap = sum(max(0, min(box.x1, t.x1) - max(box.x0, t.x0)) * max(0, min(box.y1, t.y1) - max(box.y0, t.y0))
                       for t in taken)
         return overlap + (0 if inside else 1e6)
@@ -159,7 +164,8 @@ def place_labels(ax: plt.Axes, items: list[tuple[float, float, str, object]], fo
         best = None
         for offset, ha, va in _LABEL_SPOTS:
             label = ax.annotate(text, (x, y), xytext=offset, textcoords="offset points", ha=ha, va=va,
-                                fontsize=fontsize, color=color)
+                                fontsize=fontsize, color=color, zorder=5,
+                                bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
             box = label.get_window_extent(renderer)
             c = cost(box)
             if best is None or c < best[0]:

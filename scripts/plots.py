@@ -157,8 +157,9 @@ def ratio_figure(model: str, cells: list[aggregate.Cell], styles: dict[str, plot
         ax.grid(alpha=0.3)
     handles, labels = plot_style.legend_handles({m: s for m, s in styles.items() if m in shown}, any_vanilla)
     plot_style.finish(fig, handles, labels, f"{model}: accuracy vs kept visual tokens",
-                      "Points of each method are offset slightly left/right of the evaluated ratio so ties stay visible; "
-                      "error bars: std over seeds. Kept tokens: at the last decoder layer.")
+                      "Points of each method are offset slightly left/right of the evaluated ratio so ties stay visible"
+                      + ("; error bars: std over seeds" if any(v["std"] for *_, pts in panels for v in pts.values()) else "")
+                      + ". Kept tokens: at the last decoder layer.")
     return fig
 
 
@@ -201,6 +202,7 @@ def cost_figure(model: str, cells: list[aggregate.Cell], cost: str = "prefill_ms
     shown: set[str] = set()
     any_vanilla = False
     labels_of: dict[plt.Axes, list] = {ax: [] for ax in axes}
+    stars: dict[plt.Axes, list] = {ax: [] for ax in axes}
     for ax, (data, title, pts) in zip(axes, panels):
         for m, style in styles.items():
             mine = sorted((r, v) for (mm, r), v in pts.items() if mm == m)
@@ -214,11 +216,13 @@ def cost_figure(model: str, cells: list[aggregate.Cell], cost: str = "prefill_ms
             v = pts[("vanilla", 1.0)]
             ax.axhline(v["score"], **plot_style.VANILLA_STYLE)
             ax.plot([v["x"]], [v["score"]], **plot_style.VANILLA_MARKER)
+            stars[ax].append((v["x"], v["score"]))
         front = frontier([(v["x"], v["score"]) for v in pts.values()])
         if len(front) > 1:
             ax.step([x for x, _ in front], [y for _, y in front], where="post", color="gray", linewidth=3, alpha=0.35,
                     zorder=0)
-        plot_style.score_ylim(ax, [v["score"] for v in pts.values()])
+        plot_style.score_ylim(ax, [v["score"] for v in pts.values()], headroom=12)  # room for the ratio labels
+        ax.margins(x=0.12)  # and beside the outermost points
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.set_ylabel("score (0-100)", fontsize=9)
@@ -231,7 +235,7 @@ def cost_figure(model: str, cells: list[aggregate.Cell], cost: str = "prefill_ms
                       "Numbers: kept visual-token ratio. Frontier: the configurations no other beats on both cost and "
                       "score. Datasets without a value of the cost (e.g. no sample after warm-up) have no panel.")
     for ax, items in labels_of.items():  # once the layout is final: the labels are placed in pixels
-        plot_style.place_labels(ax, items)
+        plot_style.place_labels(ax, items, obstacles=stars[ax])
     return fig
 
 

@@ -212,3 +212,21 @@ def test_demo_and_sweep_plots_style_a_method_alike():
     sweep = plot_style.method_styles(["vanilla", "divprune_pre_llm", "fastv_intra_llm@L2", "random_pre_llm"])
     assert [mine[m] for m in ("divprune_pre_llm", "fastv_intra_llm", "random_pre_llm")] == \
         [sweep[m] for m in ("divprune_pre_llm", "fastv_intra_llm@L2", "random_pre_llm")]
+
+
+def test_cost_labels_of_tied_points_do_not_overlap():
+    """DivPrune and random tie on cost and score in these cells: their ratio labels still go apart,
+    inside the frame, clear of vanilla's star."""
+    fig = plots.cost_figure("M", _cells(("MME",), tie=True), "gflops")
+    (ax,) = fig.axes
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) == 9
+    frame = ax.get_window_extent(renderer)
+    for i, a in enumerate(boxes):
+        assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
+        assert not any(a.overlaps(b) for b in boxes[i + 1:]), ax.texts[i].get_text()
+    (star,) = [line for line in ax.get_lines() if line.get_marker() == "*"]
+    sx, sy = ax.transData.transform((star.get_xdata()[0], star.get_ydata()[0]))
+    assert not any(b.contains(sx, sy) for b in boxes)
+    plt.close(fig)
