@@ -203,6 +203,7 @@ def cost_figure(model: str, cells: list[aggregate.Cell], cost: str = "prefill_ms
     any_vanilla = False
     labels_of: dict[plt.Axes, list] = {ax: [] for ax in axes}
     stars: dict[plt.Axes, list] = {ax: [] for ax in axes}
+    any_front = False
     for ax, (data, title, pts) in zip(axes, panels):
         for m, style in styles.items():
             mine = sorted((r, v) for (mm, r), v in pts.items() if mm == m)
@@ -219,6 +220,7 @@ def cost_figure(model: str, cells: list[aggregate.Cell], cost: str = "prefill_ms
             stars[ax].append((v["x"], v["score"]))
         front = frontier([(v["x"], v["score"]) for v in pts.values()])
         if len(front) > 1:
+            any_front = True
             ax.step([x for x, _ in front], [y for _, y in front], where="post", color="gray", linewidth=3, alpha=0.35,
                     zorder=0)
         plot_style.score_ylim(ax, [v["score"] for v in pts.values()], headroom=12)  # room for the ratio labels
@@ -228,8 +230,9 @@ def cost_figure(model: str, cells: list[aggregate.Cell], cost: str = "prefill_ms
         ax.set_ylabel("score (0-100)", fontsize=9)
         ax.grid(alpha=0.3)
     handles, labels = plot_style.legend_handles({m: s for m, s in styles.items() if m in shown}, any_vanilla, star=True)
-    handles.append(plt.Line2D([], [], color="gray", linewidth=3, alpha=0.35))
-    labels.append("frontier")
+    if any_front:
+        handles.append(plt.Line2D([], [], color="gray", linewidth=3, alpha=0.35))
+        labels.append("frontier")
     name = xlabel.split(" (")[0]
     plot_style.finish(fig, handles, labels, f"{model}: accuracy vs {name}",
                       "Numbers: kept visual-token ratio. Frontier: the configurations no other beats on both cost and "

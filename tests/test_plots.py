@@ -230,3 +230,16 @@ def test_cost_labels_of_tied_points_do_not_overlap():
     sx, sy = ax.transData.transform((star.get_xdata()[0], star.get_ydata()[0]))
     assert not any(b.contains(sx, sy) for b in boxes)
     plt.close(fig)
+
+
+def test_the_frontier_is_in_the_legend_only_where_drawn():
+    dominated = [_cell("vanilla", 1.0, "MME", 80.0, ms=5.0), _cell("fastv_intra_llm@L2", 0.5, "MME", 70.0, ms=9.0)]
+    fig = plots.cost_figure("M", dominated, "prefill_ms")  # vanilla is faster and better: a one-point frontier
+    assert "frontier" not in [t.get_text() for t in fig.legends[0].get_texts()]
+    plt.close(fig)
+    fig = plots.cost_figure("M", _cells(("MME",)), "prefill_ms")
+    assert "frontier" not in [t.get_text() for t in fig.legends[0].get_texts()]  # every cell 10 ms: vanilla wins
+    plt.close(fig)
+    fig = plots.cost_figure("M", _cells(("MME",)), "gflops")
+    assert "frontier" in [t.get_text() for t in fig.legends[0].get_texts()]
+    plt.close(fig)
