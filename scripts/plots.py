@@ -1,13 +1,22 @@
 """PNG plots of a sweep (matplotlib, Agg backend).
 
     python -m scripts.plots outputs/sweep                          # curves into outputs/sweep/_report/plots/
+    python -m scripts.plots outputs/sweep --frontier-x prefill_ms gflops --warmup 5
     python -m scripts.plots outputs/sweep --overlay "Qwen2.5-VL-7B-Instruct__divprune_pre_llm-r0.111" MME 1
 
-* ``<model>_accuracy_vs_ratio.png``: per dataset (and the average), score against the kept ratio,
-  one line per method (mean over seeds, error bar = std), vanilla as a dashed line at ratio 1.
-* ``<model>_accuracy_vs_prefill.png``: per dataset (and the average), score against the mean
-  prefill ms of the cell, one marker per method and ratio, with the trade-off frontier (the cells no
-  other cell beats on both time and score).
+* ``<model>_accuracy_vs_ratio.png``: per dataset with a score (and the average over the datasets,
+  where there are several), score against the kept ratio, one line per method (mean over seeds,
+  error bar = std), vanilla as a dashed horizontal line. The x ticks are the evaluated ratios,
+  labelled as the tables label them (``33.3 %``, and the kept tokens under them where every cell of
+  the ratio keeps the same number); each method's points sit a small step left or right of the tick
+  (``scripts/plot_style.py``), and every method has its own colour, hollow marker and line style, so
+  tied methods stay visible.
+* ``<model>_accuracy_vs_prefill.png`` (and ``_vs_gflops`` / ``_vs_tokens`` with ``--frontier-x``):
+  score against a cost of the cell (measured mean prefill ms after warm-up; theoretical decoder
+  prefill GFLOPs; visual tokens averaged over the decoder layers), one marker per method and ratio
+  (labelled with the ratio, joined per method), vanilla as a star and a dashed line, the trade-off
+  frontier (the cells no other cell beats on both cost and score) in gray. A dataset with no value
+  of the cost (no sample past the warm-up) has no panel.
 * ``overlay_<model name>_<dataset>_s<sample>.png`` (``--overlay NAME DATASET SAMPLE``): the kept
   visual tokens of one sample drawn over the image on its token grid, one panel per pruning event
   (pre-LLM, then each intra-LLM layer). ``SAMPLE`` is the 1-based record of the cell's first runner
@@ -46,7 +55,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from scripts import _common, aggregate  # noqa: E402
+from scripts import _common, aggregate, plot_style  # noqa: E402
 
 logger = logging.getLogger("plots")
 
@@ -55,9 +64,10 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def _points(cells: list[aggregate.Cell], data: str | None) -> dict[tuple[str, float], dict[str, Any]]:
-    """``{(method, ratio): {"score", "std", "ms"}}`` for one dataset (``None``: the row average over the
-    datasets every configuration has)."""
+def _points(cells: list[aggregate.Cell], data: str | None, x: str | None = None) -> dict[tuple[str, float], dict[str, Any]]:
+    """``{(method, ratio): {"score", "std", "x"}}`` for one dataset (``None``: the row average over the
+    datasets every configuration has). ``x``: a system metric of the cells (``"prefill ms mean"``,
+    ``"prefill GFLOPs"``, ...), averaged over the cells that have it (``None`` where none has)."""
     by: dict[tuple[str, float], list[aggregate.Cell]] = {}
     for c in cells:
         if c.score is not None and not math.isnan(c.score) and (data is None or c.data == data):
@@ -72,56 +82,91 @@ def _points(cells: list[aggregate.Cell], data: str | None) -> dict[tuple[str, fl
             per_seed = [statistics.fmean(c.score for c in members if c.config.seed == s) for s in seeds]
         else:
             per_seed = [c.score for c in members]
-        ms = [c.metrics.get("prefill ms mean") for c in members if c.metrics.get("prefill ms mean") is not None]
+        xs = [c.metrics.get(x) for c in members if x and c.metrics.get(x) is not None]
         out[key] = {"score": statistics.fmean(per_seed), "std": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0,
-                    "ms": statistics.fmean(ms) if ms else None}
+                    "x": statistics.fmean(xs) if xs else None}
     return out
 
 
-def _grid(n: int) -> tuple[plt.Figure, list[plt.Axes]]:
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
-    flat = list(axes.flat)
-    for ax in flat[n:]:
-        ax.axis("off")
-    return fig, flat[:n]
+def _kept_tokens(cells: list[aggregate.Cell], data: str | None) -> dict[float, str]:
+    """``{ratio: "21/64 tokens"}`` where every scored cell of that ratio (in ``data``, or all) keeps the
+    same number of visual tokens at the last layer out of the same number in."""
+    seen: dict[float, set] = {}
+    for c in cells:
+        if c.config.vanilla or c.score is None or (data is not None and c.data != data):
+            continue
+        fin, vin = c.metrics.get("visual final"), c.metrics.get("visual in")
+        seen.setdefault(c.config.ratio, set()).add(None if fin is None or vin is None else (round(fin, 1), round(vin, 1)))
+    return {r: f"{fin:g}/{vin:g} tokens" for r, s in seen.items() if len(s) == 1 and None not in s for fin, vin in s}
 
 
-def _finish(fig: plt.Figure, handles: list, labels: list[str], title: str, path: Path) -> Path:
-    """One legend under the panels, the title, and the PNG."""
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def accuracy_vs_ratio(model: str, cells: list[aggregate.Cell], out: Path) -> Path:
+def _panels(cells: list[aggregate.Cell], x: str | None = None) -> list[tuple[str | None, str, dict]]:
+    """``[(dataset or None, title, points)]``: the datasets with a score (and, for ``x``, a value of
+    ``x``), then the average where there are several datasets; a panel without a point is left out."""
     datasets = sorted({c.data for c in cells if c.score is not None}, key=_common.dataset_sort_key)
     labels = aggregate.column_labels(datasets)  # the tables' labels (ScienceQA_VAL and _TEST apart)
-    panels = [*datasets, None]
-    fig, axes = _grid(len(panels))
-    for ax, data in zip(axes, panels):
-        pts = _points(cells, data)
-        methods = sorted({m for m, _ in pts if m != "vanilla"})
-        for m in methods:
+    out = []
+    for data in [*datasets, None] if len(datasets) > 1 else datasets:
+        pts = _points(cells, data, x)
+        if x is not None:
+            pts = {k: v for k, v in pts.items() if v["x"] is not None}
+        if any(m != "vanilla" for m, _ in pts) or (x is not None and pts):
+            out.append((data, labels[data] if data else f"Average ({len(datasets)} datasets)", pts))
+    return out
+
+
+def _styles(cells: list[aggregate.Cell], styles: dict[str, plot_style.Style] | None) -> dict[str, plot_style.Style]:
+    """The styles given (make_plots styles every model's methods at once), or the cells' own where
+    those do not cover every method."""
+    labels = {c.config.label for c in cells if not c.config.vanilla}
+    return styles if styles and labels <= set(styles) else plot_style.method_styles(labels)
+
+
+def ratio_figure(model: str, cells: list[aggregate.Cell], styles: dict[str, plot_style.Style] | None = None) -> plt.Figure | None:
+    """Accuracy against the kept ratio: one panel per dataset with a score (and the average), one line
+    per method (mean over seeds, error bar = std), dodged per method; x ticks at the evaluated ratios;
+    vanilla as a dashed line. ``None`` when no pruned configuration has a score."""
+    styles = _styles(cells, styles)
+    panels = _panels(cells)
+    if not panels:
+        return None
+    fig, axes = plot_style.grid(len(panels))
+    shown: set[str] = set()
+    any_vanilla = False
+    present = [m for m in styles if any(c.config.label == m for c in cells)]  # the same dodge slot in every panel
+    for ax, (data, title, pts) in zip(axes, panels):
+        ratios = sorted({r for m, r in pts if m != "vanilla"})
+        offset = plot_style.dodge_offsets(present, ratios)
+        for m in [m for m in present if any(mm == m for mm, _ in pts)]:
             xs = sorted(r for mm, r in pts if mm == m)
             ys = [pts[(m, r)]["score"] for r in xs]
             es = [pts[(m, r)]["std"] for r in xs]
-            ax.errorbar(xs, ys, yerr=es if any(es) else None, marker="o", capsize=3, label=m)
+            xd = [x + offset[m] for x in xs]
+            ax.plot(xd, ys, label=m, **styles[m].line_kwargs())
+            if any(es):  # std over seeds
+                ax.errorbar(xd, ys, yerr=es, fmt="none", ecolor=styles[m].color, capsize=3, linewidth=1)
+            shown.add(m)
         if ("vanilla", 1.0) in pts:
-            y = pts[("vanilla", 1.0)]["score"]
-            ax.axhline(y, color="black", linestyle="--", linewidth=1, label="vanilla")
-            ax.plot([1.0], [y], marker="*", color="black", markersize=9, linestyle="none")
-        ax.set_title(labels[data] if data else "Average")
-        ax.set_xlabel("kept visual-token ratio")
-        ax.set_ylabel("score")
+            any_vanilla = True
+            ax.axhline(pts[("vanilla", 1.0)]["score"], label="vanilla", **plot_style.VANILLA_STYLE)
+        plot_style.set_ratio_ticks(ax, ratios, _kept_tokens(cells, data))
+        plot_style.score_ylim(ax, [v["score"] for v in pts.values()])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("kept visual tokens (ratio)", fontsize=9)
+        ax.set_ylabel("score (0-100)", fontsize=9)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    return _finish(fig, handles, labels, f"{model}: accuracy vs kept ratio", out / f"{_safe(model)}_accuracy_vs_ratio.png")
+    handles, labels = plot_style.legend_handles({m: s for m, s in styles.items() if m in shown}, any_vanilla)
+    plot_style.finish(fig, handles, labels, f"{model}: accuracy vs kept visual tokens",
+                      "Points of each method are offset slightly left/right of the evaluated ratio so ties stay visible"
+                      + ("; error bars: std over seeds" if any(v["std"] for *_, pts in panels for v in pts.values()) else "")
+                      + ". Kept tokens: at the last decoder layer.")
+    return fig
+
+
+def accuracy_vs_ratio(model: str, cells: list[aggregate.Cell], out: Path,
+                      styles: dict[str, plot_style.Style] | None = None) -> Path | None:
+    fig = ratio_figure(model, cells, styles)
+    return _save(fig, out / f"{_safe(model)}_accuracy_vs_ratio.png")
 
 
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -134,38 +179,87 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def accuracy_vs_prefill(model: str, cells: list[aggregate.Cell], out: Path) -> Path:
-    datasets = sorted({c.data for c in cells if c.score is not None}, key=_common.dataset_sort_key)
-    labels = aggregate.column_labels(datasets)
-    panels = [*datasets, None]
-    fig, axes = _grid(len(panels))
-    methods = sorted({c.config.label for c in cells})
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    for ax, data in zip(axes, panels):
-        pts = {k: v for k, v in _points(cells, data).items() if v["ms"] is not None}
-        for (m, r), v in sorted(pts.items()):
-            ax.scatter(v["ms"], v["score"], color=colors[m], marker="*" if m == "vanilla" else "o", s=60 if m == "vanilla" else 30,
-                       label=m)
-            if m != "vanilla":
-                ax.annotate(f"{r:g}", (v["ms"], v["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if not pts:  # e.g. a cell with no more samples than the warm-up
-            ax.text(0.5, 0.5, "no timed samples", ha="center", va="center", transform=ax.transAxes, color="gray")
-        front = frontier([(v["ms"], v["score"]) for v in pts.values()])
+# What the frontier can be drawn against: option -> (cell metric, axis label, file suffix).
+COSTS = {
+    "prefill_ms": ("prefill ms mean", "prefill time (ms per sample, mean after warm-up)", "accuracy_vs_prefill"),
+    "gflops": ("prefill GFLOPs", "decoder prefill GFLOPs per sample (theoretical)", "accuracy_vs_gflops"),
+    "tokens": ("equiv tokens", "visual tokens per decoder layer (mean over layers)", "accuracy_vs_tokens"),
+}
+
+
+def cost_figure(model: str, cells: list[aggregate.Cell], cost: str = "prefill_ms",
+                styles: dict[str, plot_style.Style] | None = None) -> plt.Figure | None:
+    """Accuracy against a cost (``COSTS``): one panel per dataset that has a value of the cost (a
+    dataset with no timed sample has no panel), and the average; one marker per method and ratio,
+    each method's points joined in ratio order and labelled with the ratio; vanilla a star and a
+    dashed line; the trade-off frontier in gray. ``None`` when no panel has a point."""
+    metric, xlabel, _ = COSTS[cost]
+    styles = _styles(cells, styles)
+    panels = _panels(cells, metric)
+    if not panels:
+        return None
+    fig, axes = plot_style.grid(len(panels))
+    shown: set[str] = set()
+    any_vanilla = False
+    labels_of: dict[plt.Axes, list] = {ax: [] for ax in axes}
+    stars: dict[plt.Axes, list] = {ax: [] for ax in axes}
+    any_front = False
+    for ax, (data, title, pts) in zip(axes, panels):
+        for m, style in styles.items():
+            mine = sorted((r, v) for (mm, r), v in pts.items() if mm == m)
+            if not mine:
+                continue
+            shown.add(m)
+            ax.plot([v["x"] for _, v in mine], [v["score"] for _, v in mine], label=m, **style.line_kwargs())
+            labels_of[ax] += [(v["x"], v["score"], plot_style.ratio_label(r).replace(" ", ""), style.color) for r, v in mine]
+        if ("vanilla", 1.0) in pts:
+            any_vanilla = True
+            v = pts[("vanilla", 1.0)]
+            ax.axhline(v["score"], **plot_style.VANILLA_STYLE)
+            ax.plot([v["x"]], [v["score"]], **plot_style.VANILLA_MARKER)
+            stars[ax].append((v["x"], v["score"]))
+        front = frontier([(v["x"], v["score"]) for v in pts.values()])
         if len(front) > 1:
-            ax.step([x for x, _ in front], [y for _, y in front], where="post", color="gray", linewidth=1, alpha=0.7)
-        ax.set_title(labels[data] if data else "Average")
-        ax.set_xlabel("prefill ms (mean per sample)")
-        ax.set_ylabel("score")
+            any_front = True
+            ax.step([x for x, _ in front], [y for _, y in front], where="post", color="gray", linewidth=3, alpha=0.35,
+                    zorder=0)
+        plot_style.score_ylim(ax, [v["score"] for v in pts.values()], headroom=12)  # room for the ratio labels
+        ax.margins(x=0.12)  # and beside the outermost points
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel("score (0-100)", fontsize=9)
         ax.grid(alpha=0.3)
-    handles, labels, seen = [], [], set()
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in seen:
-                seen.add(lab)
-                handles.append(h)
-                labels.append(lab)
-    title = f"{model}: accuracy vs prefill time (labels: kept ratio; gray: frontier)"
-    return _finish(fig, handles, labels, title, out / f"{_safe(model)}_accuracy_vs_prefill.png")
+    handles, labels = plot_style.legend_handles({m: s for m, s in styles.items() if m in shown}, any_vanilla, star=True)
+    if any_front:
+        handles.append(plt.Line2D([], [], color="gray", linewidth=3, alpha=0.35))
+        labels.append("frontier")
+    name = xlabel.split(" (")[0]
+    plot_style.finish(fig, handles, labels, f"{model}: accuracy vs {name}",
+                      "Numbers: kept visual-token ratio. Frontier: the configurations no other beats on both cost and "
+                      "score. Datasets without a value of the cost (e.g. no sample after warm-up) have no panel.")
+    for ax, items in labels_of.items():  # once the layout is final: the labels are placed in pixels
+        plot_style.place_labels(ax, items, obstacles=stars[ax])
+    return fig
+
+
+def accuracy_vs_cost(model: str, cells: list[aggregate.Cell], out: Path, cost: str = "prefill_ms",
+                     styles: dict[str, plot_style.Style] | None = None) -> Path | None:
+    fig = cost_figure(model, cells, cost, styles)
+    return _save(fig, out / f"{_safe(model)}_{COSTS[cost][2]}.png")
+
+
+def accuracy_vs_prefill(model: str, cells: list[aggregate.Cell], out: Path,
+                        styles: dict[str, plot_style.Style] | None = None) -> Path | None:
+    return accuracy_vs_cost(model, cells, out, "prefill_ms", styles)
+
+
+def _save(fig: plt.Figure | None, path: Path) -> Path | None:
+    if fig is None:
+        logger.warning("%s: nothing to draw", path.name)
+        return None
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------- retained-token overlay
@@ -301,14 +395,20 @@ def overlay(work: Path, name: str, data: str, sample: int, lmu: Path, out: Path)
     return path
 
 
-def make_plots(work: Path, out: Path, cells: list[aggregate.Cell] | None = None) -> list[Path]:
+def make_plots(work: Path, out: Path, cells: list[aggregate.Cell] | None = None,
+               costs: tuple[str, ...] = ("prefill_ms",)) -> list[Path]:
+    """Per model: accuracy vs kept ratio and accuracy vs each of ``costs`` (keys of :data:`COSTS`),
+    the methods styled alike in every figure; a figure with nothing to draw is not written."""
     cells = aggregate.collect(work) if cells is None else cells
     out.mkdir(parents=True, exist_ok=True)
+    styles = plot_style.method_styles(c.config.label for c in cells)  # one style per method across models
     paths = []
     for model in sorted({c.model for c in cells}):
         mine = [c for c in cells if c.model == model]
         if any(c.score is not None for c in mine):
-            paths += [accuracy_vs_ratio(model, mine, out), accuracy_vs_prefill(model, mine, out)]
+            drawn = [accuracy_vs_ratio(model, mine, out, styles)]
+            drawn += [accuracy_vs_cost(model, mine, out, cost, styles) for cost in costs]
+            paths += [p for p in drawn if p is not None]
     return paths
 
 
@@ -324,10 +424,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lmu-data", type=Path, default=Path(os.environ.get("LMUData") or Path.home() / "LMUData"),
                         help="the LMUData folder the sweep used (default $LMUData, else ~/LMUData)")
     parser.add_argument("--no-curves", action="store_true", help="only the overlays")
+    parser.add_argument("--frontier-x", nargs="+", choices=list(COSTS), default=["prefill_ms"],
+                        help="the x axes of the accuracy-vs-cost plots (default prefill_ms): prefill_ms (measured), "
+                             "gflops (theoretical decoder prefill FLOPs), tokens (visual tokens per decoder layer)")
+    parser.add_argument("--warmup", type=int, default=aggregate.DEFAULT_WARMUP,
+                        help=f"samples excluded from timings at the start of every runner process (default {aggregate.DEFAULT_WARMUP})")
     args = parser.parse_args(argv)
     work = args.work_dir.resolve()
     out = (args.out or work / "_report" / "plots").resolve()
-    paths = [] if args.no_curves else make_plots(work, out)
+    paths = [] if args.no_curves else make_plots(work, out, aggregate.collect(work, args.warmup), tuple(args.frontier_x))
     for name, data, sample in args.overlay:
         paths.append(overlay(work, name, data, int(sample), args.lmu_data, out))
     for p in paths:

@@ -364,25 +364,26 @@ def test_tiny_sweep_plots_are_pngs(tiny):
             img.verify()
 
 
-def test_tiny_sweep_plot_panels(tiny, monkeypatch):
+def test_tiny_sweep_plot_panels(tiny):
     """One panel per dataset, titled with the tables' column labels (the two ScienceQA splits apart),
-    plus the average; a dataset with no sample past the warm-up says so on the prefill plot."""
-    figures = {}
-
-    def capture(fig, handles, labels, title, path):
-        figures[title.split(": ")[1]] = [(ax.get_title(), [t.get_text() for t in ax.texts]) for ax in fig.axes if ax.axison]
-        return path
-
-    monkeypatch.setattr(plots, "_finish", capture)
+    plus the average; x ticks at the evaluated ratio. The prefill plot leaves out the datasets with
+    no sample past the warm-up (no empty panel, no note)."""
     ckpt = _model(tiny["checkpoints"]["qwen"])
-    plots.make_plots(tiny["work"], tiny["work"] / "_unused", [c for c in tiny["report"]["cells"] if c.model == ckpt])
+    cells = [c for c in tiny["report"]["cells"] if c.model == ckpt]
     labels = aggregate.column_labels(ALL)
-    expected = [labels[d] for d in sorted(ALL, key=_common.dataset_sort_key)] + ["Average"]
-    assert "ScienceQA_VAL_tiny" in expected and "ScienceQA_TEST_tiny" in expected
-    for kind, panels in figures.items():
-        assert [title for title, _ in panels] == expected, kind
-    prefill = dict(next(v for k, v in figures.items() if k.startswith("accuracy vs prefill")))
-    assert prefill["SEED_tiny"] == ["no timed samples"] and "no timed samples" not in prefill["MME_tiny"]
+    order = sorted(ALL, key=_common.dataset_sort_key)
+    timed = [d for d in order if any(c.data == d and c.metrics["prefill ms mean"] is not None for c in cells)]
+    assert "MME_tiny" in timed and "SEED_tiny" not in timed  # SEED_tiny: one sample, the warm-up
+    ratio = plots.ratio_figure(ckpt, cells)
+    titles = [ax.get_title() for ax in ratio.axes]
+    assert titles == [labels[d] for d in order] + [f"Average ({len(ALL)} datasets)"]
+    assert "ScienceQA_VAL_tiny" in titles and "ScienceQA_TEST_tiny" in titles
+    assert all(list(ax.get_xticks()) == [0.5] and ax.get_xticklabels()[0].get_text().startswith("50.0 %")
+               for ax in ratio.axes)
+    prefill = plots.cost_figure(ckpt, cells, "prefill_ms")
+    assert [ax.get_title() for ax in prefill.axes] == [labels[d] for d in timed] + [f"Average ({len(ALL)} datasets)"]
+    assert not [t for ax in prefill.axes for t in ax.texts if "no timed" in t.get_text()]
+    plots.plt.close("all")
 
 
 def test_one_load_equals_the_shell_path(setup, full, tiny):
