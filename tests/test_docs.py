@@ -117,8 +117,8 @@ def _check_command(line: str, env: dict[str, str], hub: dict[str, Path], where: 
     while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
         key, value = words.pop(0).split("=", 1)
         env[key] = value
-    if words[-1] == "&":
-        words.pop()
+    if "&" in words:  # a job in the background (then `wait`): checked in the foreground
+        words = words[: words.index("&")]
     if words[0] in ("python", ".venv/bin/python"):
         words[0] = sys.executable
     if words[0] == sys.executable and words[1:2] == ["-c"]:
