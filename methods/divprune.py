@@ -12,7 +12,9 @@ from methods import PruneContext, register_prune
     stage="pre_llm",
     source="vbdi/divprune",
     paper="https://arxiv.org/abs/2503.02175",
-    deviation="None in the selection; kept count follows the harness budget max(1, round-half-up(N*r)).",
+    deviation="Same selection (a guard skips already-chosen tokens, which only matters for exact duplicates); kept count "
+    "follows the harness budget max(1, round-half-up(N*r)); kept tokens keep their positions (the original renumbers "
+    "the shortened sequence); one selection per image (UniPruneBench: InternVL tile 0 and the other tiles apart).",
 )
 def divprune(ctx: PruneContext, keep: int) -> torch.Tensor:
     """Greedy max-min diversity on cosine distance of the projected visual tokens.

@@ -43,7 +43,7 @@ def gprune_scores(
     stage="pre_llm",
     source="jytmelon/G-Prune",
     paper="https://arxiv.org/abs/2501.02268",
-    deviation="Same scores as the original and UniPruneBench; round-half-up budget (theirs: int(N*r)); one "
+    deviation="Same scores as the original and UniPruneBench; round-half-up budget (theirs: max(1, int(N*r))); one "
     "graph per image (UniPruneBench: InternVL tile 0 and tiles 1..P-1 apart; original: LLaVA-NeXT base/high-res apart).",
 )
 def gprune(

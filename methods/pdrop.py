@@ -23,7 +23,9 @@ PDROP_LAYER_SPECS = "8:pdrop_intra_llm:0.5;16:pdrop_intra_llm:0.25;24:pdrop_intr
     source="Cooperx521/PyramidDrop",
     paper="https://arxiv.org/abs/2410.17247",
     deviation="Layer l's own q/k (UniPruneBench used layer l-1's, FastV-style) and ratios of the original N "
-    "via the layer specs (UniPruneBench: r, r^2, r^3 at 6/12/18); positions kept, not renumbered.",
+    "via the layer specs (UniPruneBench: r, r^2, r^3 at 6/12/18); positions kept, not renumbered. Named alone "
+    "(PRUNE_METHOD_INTRA_LLM) it is ONE cut at layer 2; the original's schedule is INTRA_LLM_LAYER_SPECS="
+    "'8:pdrop_intra_llm:0.5;16:pdrop_intra_llm:0.25;24:pdrop_intra_llm:0.125'.",
 )
 def pdrop(ctx: PruneContext, keep: int) -> torch.Tensor:
     """Keep the visual tokens most attended by the last instruction token under this layer's own q/k.

@@ -21,7 +21,8 @@ def _random(ctx: PruneContext, keep: int) -> torch.Tensor:
     stage="pre_llm",
     source=_SOURCE,
     paper=_PAPER,
-    deviation="Seeded (PRUNE_SEED) and sorted on every family (the seed left InternVL unsorted).",
+    deviation="Seeded (PRUNE_SEED) and sorted on every family (the seed left InternVL unsorted); round-half-up "
+    "budget (theirs: max(1, int(N*r))); one draw per image (UniPruneBench: InternVL tile 0 and the other tiles apart).",
 )
 def random_pre_llm(ctx: PruneContext, keep: int) -> torch.Tensor:
     """Keep `keep` visual tokens drawn uniformly at random after the projector."""

@@ -16,8 +16,9 @@ original: Tencent/SelfEvolvingAgent @a82450e ``VScan/`` (MIT): LLaVA
   windows, the top ``k = int(T * 0.5) // 16`` of each window, so ``(int(T/2) // 16) * 16`` in all;
   global scan: the local tokens' global scores set to 0, then the top ``T - int(T * 0.5)``. The kept
   set is their union: ``T`` = 96 keeps 96, 100 keeps 98, 40 keeps 36.
-* Qwen2.5-VL: scores are the attention each merged token receives (head SUM, mean over the queries,
-  mean over its 2x2 unit) in the first full-attention block (7) and the last (31). Local scan
+* Qwen2.5-VL: scores are the attention each merged token receives (head SUM, summed over the
+  queries where the original averages them: a constant factor per image, the same selection; mean
+  over its 2x2 unit) in the first full-attention block (7) and the last (31). Local scan
   (:func:`vscan_window_select`): ``T // 2`` tokens, the merged grid cut into 4x4 windows (the
   leftover rows / columns join the last window), at most ``ceil((T // 2) / windows)`` from a window,
   greedily in descending score order; global: ``T - T // 2`` after zeroing the local ones.
