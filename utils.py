@@ -207,7 +207,8 @@ class PruneConfig:
         for name in self.method_names:
             m = methods.get_method(name)
             if family and m.families is not None and family not in m.families:
-                why = f": {m.refusal}" if m.refusal else ""
+                reason = m.refusal_for(family)
+                why = f": {reason}" if reason else ""
                 raise ConfigError(f"{name} does not apply to {family} (it supports {', '.join(m.families)}){why}")
 
     def tag(self) -> str:
