@@ -49,7 +49,9 @@ VLMEvalKit protocol (:mod:`vlm_adapter`): ``LLaVA_Next`` (``llava_next_vicuna_7b
 processor's chat template (all images first, then the texts), calls ``generate`` and decodes the
 whole output (special tokens kept: it passes ``skip_special_token``), and ``output_process`` keeps
 what follows ``ASSISTANT:`` (``[/INST]`` for Mistral) up to ``</s>``. The generic
-:class:`vlm_adapter.ModelShim` passes its ``generate`` through.
+:class:`vlm_adapter.ModelShim` passes its ``generate`` through; the processor it is handed is ours
+behind :class:`TextFirstProcessor` (the wrapper calls ``processor(prompt, images)``, an order only
+transformers 4.x accepted).
 """
 
 from __future__ import annotations
@@ -77,19 +79,43 @@ CHECKPOINTS = {
 VLMEVAL_DEFAULT = "llava_next_vicuna_7b"
 
 
+class TextFirstProcessor:
+    """The processor ``LLaVA_Next`` holds: ours, called the way transformers 4.x took the wrapper's call.
+
+    ``LLaVA_Next.generate_inner`` calls ``processor(prompt, images, return_tensors="pt")``. transformers
+    4.x processors took a text-first positional call as text and images (their
+    ``_validate_images_text_input_order`` swapped it); transformers 5.23's read the first positional
+    argument as the images and fail on the prompt string. This proxy restores the 4.x reading of that
+    one call (a string, or a list of strings, first: ``text=``, then ``images=``) and hands every other
+    call and attribute (``apply_chat_template``, ``decode``, ``tokenizer``, ...) to the processor."""
+
+    def __init__(self, processor: Any) -> None:
+        self._processor = processor
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        first = args[0] if args else None
+        if isinstance(first, str) or (isinstance(first, list) and first and all(isinstance(t, str) for t in first)):
+            images = args[1] if len(args) > 1 else kwargs.pop("images", None)
+            return self._processor(*args[2:], text=first, images=images, **kwargs)
+        return self._processor(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._processor, name)
+
+
 def vlmeval_shim(loaded: LoadedModel) -> ModelShim:
     return ModelShim(loaded)  # HF-native on both sides: generate passes through
 
 
 def vlmeval_loaders(loaded: LoadedModel, shim: ModelShim) -> list[tuple[Any, str, Any]]:
     """What ``LLaVA_Next.__init__`` loads (vlmeval 26.3, vlm/llava/llava.py, the non-interleave,
-    non-34B path): ``LlavaNextProcessor.from_pretrained`` and
-    ``LlavaNextForConditionalGeneration.from_pretrained`` (fp16, ``.eval().cuda()`` on the shim),
-    answered with what we loaded."""
+    non-34B path): ``LlavaNextProcessor.from_pretrained`` (our processor, behind
+    :class:`TextFirstProcessor`) and ``LlavaNextForConditionalGeneration.from_pretrained`` (fp16,
+    ``.eval().cuda()`` on the shim), answered with what we loaded."""
     import transformers
 
     return [
-        (transformers.LlavaNextProcessor, "from_pretrained", lambda *a, **k: loaded.processor),
+        (transformers.LlavaNextProcessor, "from_pretrained", lambda *a, **k: TextFirstProcessor(loaded.processor)),
         (transformers.LlavaNextForConditionalGeneration, "from_pretrained", lambda *a, **k: shim),
     ]
 

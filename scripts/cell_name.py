@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 from scripts import _common  # noqa: E402
 
 
-RUNNER_FAMILY = {"run_qwenvl2_5.py": "custom_qwenvl", "run_internvl3.py": "custom_internvl", "run_llava.py": "custom_llava"}
+RUNNER_FAMILY = {"run_qwenvl2_5.py": "custom_qwenvl", "run_internvl3.py": "custom_internvl", "run_llava.py": "custom_llava",
+                 "run_llava_next.py": "custom_llava_next"}
 
 
 def model_name(runner: str, model: str, model_path: str | None, env: dict[str, str], runner_args: list[str]) -> str:
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("name", help="model name of the configuration in the environment")
-    p.add_argument("--runner", required=True, help="run_qwenvl2_5.py, run_internvl3.py or run_llava.py")
+    p.add_argument("--runner", required=True, help="run_qwenvl2_5.py, run_internvl3.py, run_llava.py or run_llava_next.py")
     p.add_argument("--model", required=True)
     p.add_argument("--model-path")
     p = sub.add_parser("plan", help="cells on stdin -> plan on stdout")

@@ -40,7 +40,8 @@ ensure_torchvision()
 
 from scripts import _common  # noqa: E402
 
-RUNNER_FAMILY = {"run_qwenvl2_5.py": "custom_qwenvl", "run_internvl3.py": "custom_internvl", "run_llava.py": "custom_llava"}
+RUNNER_FAMILY = {"run_qwenvl2_5.py": "custom_qwenvl", "run_internvl3.py": "custom_internvl", "run_llava.py": "custom_llava",
+                 "run_llava_next.py": "custom_llava_next"}
 TIMING_ENV = {"METHOD_TIME": "1", "PREFILL_TIME": "1"}
 
 logger = logging.getLogger("sweep")
