@@ -22,7 +22,10 @@ Guarantees (each is a test in ``tests/test_engine.py``):
 
 Batch size 1 is the protocol (as in the UniPruneBench paper): a larger batch, or padding, raises.
 Several images in one prompt are pruned per image: each keeps ``budget(N_i, ratio)`` of its own
-``N_i`` tokens; the text between images is never visual.
+``N_i`` tokens; the text between images is never visual. A family may mark some of an image's
+placeholders as no visual tokens (:class:`ImageLayout` markers: LLaVA-NeXT's row-end newline
+tokens): they are never pruned, count in no budget, and "the text after the image" starts after
+them; an image's crops reach methods as ``ctx.crops``.
 """
 
 from __future__ import annotations
@@ -664,10 +667,12 @@ def _find_segments(state: PruneState, model: nn.Module, input_ids: torch.Tensor,
     for e, end in zip(layout, ends):
         span = where[start : start + e.span]
         seq, marker_seq = span, None
-        if e.visual is not None:
-            is_visual = torch.zeros(e.span, dtype=torch.bool, device=span.device)
-            is_visual[e.visual.to(span.device)] = True
-            seq, marker_seq = span[is_visual], span[~is_visual]
+        if e.visual is not None:  # the offsets are the family's (CPU): no device sync
+            is_marker = torch.ones(e.span, dtype=torch.bool)
+            is_marker[e.visual.cpu()] = False
+            offsets = torch.nonzero(is_marker).flatten()
+            seq = span.index_select(0, e.visual.to(span.device))
+            marker_seq = span.index_select(0, offsets.to(span.device))
         crops = e.crops.to(seq.device) if e.crops is not None else None
         segments.append(_Segment(n_orig=e.n, grid=e.grid, orig_seq=seq, alive=torch.arange(e.n, device=seq.device),
                                  end=end, markers=e.span - e.n, marker_seq=marker_seq, crops=crops))
