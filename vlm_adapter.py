@@ -13,12 +13,12 @@ The protocol (how a sample becomes model inputs and an answer):
 
 * ``vlmeval`` (the default): VLMEvalKit's own wrapper of the reference model name (``Qwen2VLChat``
   for ``Qwen2.5-VL-7B-Instruct``, ``InternVLChat`` for ``InternVL3-8B``, ``LLaVA`` for
-  ``llava_v1.5_7b``, ...), built by its own ``__init__`` from ``vlmeval.config.supported_VLM`` with
-  its own keyword arguments, and run by its own ``use_custom_prompt`` / ``build_prompt`` /
-  ``generate_inner``: the same prompts, image preprocessing and generation settings as VLMEvalKit.
-  Only the loading is ours: the wrapper's loaders are answered with the checkpoint we loaded and
-  patched (:func:`vlmeval_wrapper`), and its ``self.model`` is a :class:`ModelShim` that hands each
-  generate call to our (HF-native) model. Families supply the loaders and the shim
+  ``llava_v1.5_7b``, ``LLaVA_Next`` for ``llava_next_vicuna_7b``, ...), built by its own ``__init__``
+  from ``vlmeval.config.supported_VLM`` with its own keyword arguments, and run by its own
+  ``use_custom_prompt`` / ``build_prompt`` / ``generate_inner``: the same prompts, image
+  preprocessing and generation settings as VLMEvalKit. Only the loading is ours: the wrapper's
+  loaders are answered with the checkpoint we loaded and patched (:func:`vlmeval_wrapper`), and its
+  ``self.model`` is a :class:`ModelShim` that hands each generate call to our (HF-native) model. Families supply the loaders and the shim
   (``custom_*.py``: ``VLMEVAL_DEFAULT``, ``vlmeval_loaders``, ``vlmeval_shim``).
 * ``chat_template``: the checkpoint's own chat template and processor, greedy decoding (for
   checkpoints VLMEvalKit has no wrapper of, and the proxy models, which were trained on it).
