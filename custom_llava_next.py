@@ -8,13 +8,14 @@ What this family contributes (everything else is :mod:`prune_engine`; the CLIP c
 
 * the decoder is LLaMA (Vicuna) or Mistral with plain 1-D position ids, so the engine's default
   :meth:`prune_engine.Family.positions` applies. A Mistral decoder with ``sliding_window`` set is
-  refused by the engine (llava-hf's Mistral checkpoint has none);
+  refused by the engine (llava-hf's Mistral checkpoint, from Mistral-7B-Instruct-v0.2, should have
+  none; not checked here: ``docs/llava_next.md``);
 * the visual tokens (:meth:`LlavaNextFamily.image_layout`, from ``image_sizes`` alone, once per
   prefill). "anyres" turns an image into a base image (resized to 336 px) plus ``rows x cols``
   high-resolution crops of 336 px (``image_grid_pinpoints``); CLIP runs on each as one batch item,
   24 x 24 patch features each ([CLS] dropped). ``LlavaNextModel.pack_image_features`` lays an
   image's LLM tokens out as: the base image's 576 tokens (row-major), then the crops stitched into
-  one ``(24 rows) x (24 cols)`` grid, cut to the unpadded window (``unpad_image``: the rows or
+  one ``(24 * rows) x (24 * cols)`` grid, cut to the unpadded window (``unpad_image``: the rows or
   columns of padding the processor added to fit the aspect ratio), row-major, with the learned
   ``image_newline`` token after every row of that grid. Every one of them is an ``<image>``
   placeholder in ``input_ids``;
@@ -26,8 +27,8 @@ What this family contributes (everything else is :mod:`prune_engine`; the CLIP c
   either; the originals that prune LLaVA-NeXT before the LLM either keep every newline (G-Prune,
   whose original is written for LLaVA-NeXT; FasterVLM's, VisPruner's, CDPruner's and VScan's
   ``spatial_unpad`` branches set the newline column of their masks to True) or have none (they
-  force ``mm_patch_merge_type='spatial'``). Intra-LLM methods whose originals locate the image as
-  one span (PDrop, DART: newlines among the candidates) differ there;
+  force ``mm_patch_merge_type='spatial'``). Methods whose originals treat the image as one span
+  (DivPrune's LLaVA-1.6 path; PDrop-style intra-LLM code: newlines among the candidates) differ there;
 * **base image vs crops**: the engine's budget unit is the image, ``budget(N, KEEP_RATIO)`` over all
   its visual tokens. Methods whose originals select per crop read the crop structure from
   ``ctx.crops`` (:class:`methods.Crops`: each token's crop and its patch in that crop's 24 x 24
