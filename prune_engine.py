@@ -22,7 +22,10 @@ Guarantees (each is a test in ``tests/test_engine.py``):
 
 Batch size 1 is the protocol (as in the UniPruneBench paper): a larger batch, or padding, raises.
 Several images in one prompt are pruned per image: each keeps ``budget(N_i, ratio)`` of its own
-``N_i`` tokens; the text between images is never visual.
+``N_i`` tokens; the text between images is never visual. A family may mark some of an image's
+placeholders as no visual tokens (:class:`ImageLayout` markers: LLaVA-NeXT's row-end newline
+tokens): they are never pruned, count in no budget, and "the text after the image" starts after
+them; an image's crops reach methods as ``ctx.crops``.
 """
 
 from __future__ import annotations
@@ -64,8 +67,10 @@ class Family:
     def image_token_id(self, model: nn.Module) -> int:
         return int(model.config.image_token_id)
 
-    def image_layout(self, model: nn.Module, kwargs: Mapping[str, Any]) -> list[tuple[int, tuple[int, int, int] | None]]:
-        """``[(n_tokens, grid (t, h, w) or None), ...]`` per image of this forward, in prompt order.
+    def image_layout(self, model: nn.Module, kwargs: Mapping[str, Any]) -> list["tuple[int, tuple[int, int, int] | None] | ImageLayout"]:
+        """``[(n_tokens, grid (t, h, w) or None), ...]`` per image of this forward, in prompt order; an
+        entry may be an :class:`ImageLayout` instead, for images whose placeholders are not all
+        visual tokens (LLaVA-NeXT's row-end newline tokens) or that have crops.
 
         An empty list means "unknown": the engine then treats each run of image tokens as one image.
         """
@@ -101,9 +106,22 @@ class Family:
 
     def vit_image(self, items: Any, img: int, segments: list["_Segment"], dim: int = -1) -> torch.Tensor:
         """Image ``img``'s share of a captured per-item ViT tensor ``items`` (indexable by ViT item),
-        its items concatenated along ``dim`` (the token axis). Default: one ViT item an image
-        (LLaVA-1.5, Qwen2.5-VL). Families whose images span several items (InternVL's tiles; later
-        LLaVA-NeXT's base image and crops) override it."""
+        in the image's token order along ``dim`` (the token axis of the result). Default: one ViT
+        item an image (LLaVA-1.5, Qwen2.5-VL). Families whose images span several items override it
+        (InternVL's tiles, concatenated; LLaVA-NeXT's base image and crops, mapped to its LLM tokens)."""
+        return items[img]
+
+    def vit_split_cls(self, items: torch.Tensor, img: int, segments: list["_Segment"]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cls [n_cls, ...], patches [N, ...])`` of image ``img`` from a per-item tensor whose token
+        axis (first after the item axis) holds [CLS] first (``vit_feature_keys``, ``vit_last_queries``,
+        ``vit_last_keys``), the patches in the image's token order. Default: one item an image, one
+        [CLS] row."""
+        x = items[img]
+        return x[:1], x[1:]
+
+    def vit_cls(self, items: torch.Tensor, img: int, segments: list["_Segment"]) -> torch.Tensor:
+        """Image ``img``'s rows of a per-item [CLS] tensor (``vit_cls_feature`` ``[items, C]``): ``[C]``
+        for one item an image (default); families with several items an image return ``[n_cls, C]``."""
         return items[img]
 
     def install_vit_merge(self, model: nn.Module, layer: int, apply: Callable[[torch.Tensor], torch.Tensor | None]) -> list[Any]:
@@ -157,6 +175,27 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, block: in
     return out
 
 
+@dataclass(frozen=True)
+class ImageLayout:
+    """One image's placeholders in the prompt, for :meth:`Family.image_layout`.
+
+    ``n`` visual tokens (the tokens methods see, prune and budget) among ``placeholders`` image
+    tokens (default ``n``); ``visual`` ``[n]``: their offsets among the placeholders, ascending
+    (None: all). The other placeholders (``markers``: LLaVA-NeXT's row-end newline tokens) are never
+    pruned, count in no budget and are not "text after the image" either; ``crops``: the image's crop
+    structure, given to methods as ``ctx.crops``."""
+
+    n: int
+    grid: tuple[int, int, int] | None = None
+    placeholders: int | None = None
+    visual: torch.Tensor | None = None
+    crops: "methods.Crops | None" = None
+
+    @property
+    def span(self) -> int:
+        return self.n if self.placeholders is None else self.placeholders
+
+
 # ----------------------------------------------------------------------------- per-model state
 @dataclass
 class Event:
@@ -187,6 +226,10 @@ class _Segment:
     # then ids >= n_prompt for the tokens its method added (recycled clusters)
     orig_seq: torch.Tensor
     alive: torch.Tensor  # [n_current] indices into orig_seq of the survivors, in sequence order
+    end: int = -1  # prompt index of the image's last placeholder (a visual token, or a marker)
+    markers: int = 0  # placeholders that are no visual tokens (never pruned; see ImageLayout)
+    marker_seq: torch.Tensor | None = None  # [markers] their prompt indices
+    crops: "methods.Crops | None" = None
 
 
 @dataclass
@@ -213,11 +256,14 @@ class _Prefill:
         table = torch.cat([torch.arange(self.n_prompt, device=ids.device), ids.new_tensor(self.added_source)])
         return table[ids]
 
-    def visual_ids(self, device: torch.device) -> torch.Tensor:
-        """``[n_table]`` bool: which ids are visual tokens (any image's, added ones included)."""
+    def visual_ids(self, device: torch.device, markers: bool = False) -> torch.Tensor:
+        """``[n_table]`` bool: which ids are visual tokens (any image's, added ones included); with
+        ``markers``, the images' markers too (every placeholder)."""
         out = torch.zeros(self.n_table, dtype=torch.bool, device=device)
         for s in self.segments:
             out[s.orig_seq] = True
+            if markers and s.marker_seq is not None:
+                out[s.marker_seq] = True
         return out
 
 
@@ -560,9 +606,11 @@ def _make_post_hook(state: PruneState):
             # "average kept tokens" of methods whose count changes with depth; recycled included).
             "visual_per_layer": list(prefill.layer_visual),
             "avg_visual": sum(prefill.layer_visual) / len(prefill.layer_visual) if prefill.layer_visual else n_visual,
-            # Where each image sits in the unpruned prompt, and its token grid (overlays).
+            # Where each image sits in the unpruned prompt, and its token grid (overlays); images
+            # with markers (LLaVA-NeXT's newline tokens, never pruned) say how many.
             "image_spans": [
-                {"start": int(s.orig_seq[0]), "n": s.n_orig, "grid": list(s.grid) if s.grid else None}
+                {"start": int(s.orig_seq[0]), "n": s.n_orig, "grid": list(s.grid) if s.grid else None,
+                 **({"markers": s.markers} if s.markers else {})}
                 for s in prefill.segments
             ],
             "kv_cache_bytes": _cache_bytes(cache),
@@ -609,15 +657,26 @@ def _find_segments(state: PruneState, model: nn.Module, input_ids: torch.Tensor,
         breaks = torch.nonzero(where[1:] != where[:-1] + 1).flatten() + 1
         sizes = torch.diff(torch.cat([where.new_tensor([0]), breaks, where.new_tensor([where.numel()])])).tolist()
         layout = [(n, None) for n in sizes]
-    if sum(n for n, _ in layout) != where.numel():
+    layout = [e if isinstance(e, ImageLayout) else ImageLayout(*e) for e in layout]
+    if sum(e.span for e in layout) != where.numel():
         raise ValueError(
-            f"{where.numel()} image tokens in the prompt but the images account for {sum(n for n, _ in layout)}"
+            f"{where.numel()} image tokens in the prompt but the images account for {sum(e.span for e in layout)}"
         )
+    ends = where[torch.tensor([e.span for e in layout]).cumsum(0).to(where.device) - 1].tolist()  # one sync
     segments, start = [], 0
-    for n, grid in layout:
-        seq = where[start : start + n]
-        segments.append(_Segment(n_orig=n, grid=grid, orig_seq=seq, alive=torch.arange(n, device=seq.device)))
-        start += n
+    for e, end in zip(layout, ends):
+        span = where[start : start + e.span]
+        seq, marker_seq = span, None
+        if e.visual is not None:  # the offsets are the family's (CPU): no device sync
+            is_marker = torch.ones(e.span, dtype=torch.bool)
+            is_marker[e.visual.cpu()] = False
+            offsets = torch.nonzero(is_marker).flatten()
+            seq = span.index_select(0, e.visual.to(span.device))
+            marker_seq = span.index_select(0, offsets.to(span.device))
+        crops = e.crops.to(seq.device) if e.crops is not None else None
+        segments.append(_Segment(n_orig=e.n, grid=e.grid, orig_seq=seq, alive=torch.arange(e.n, device=seq.device),
+                                 end=end, markers=e.span - e.n, marker_seq=marker_seq, crops=crops))
+        start += e.span
     return segments
 
 
@@ -669,8 +728,11 @@ def _decoder_forward(
         raise ValueError("pruning builds its own masks: pass a 2-D attention mask (or none)")
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("pruning does not support padded prompts (batch size 1 needs no padding)")
-    if "sliding_attention" in getattr(text.config, "layer_types", ()):
-        raise NotImplementedError("pruning does not support sliding-window attention layers")
+    if _sliding_window(text.config):
+        raise NotImplementedError(
+            "pruning does not support sliding-window attention layers (a Mistral decoder with sliding_window set; "
+            "LLaVA-NeXT-Mistral's checkpoint has none)"
+        )
     for flag in ("output_attentions", "output_hidden_states"):
         if kwargs.pop(flag, False):
             raise ValueError(f"{flag} is not available while pruning (sequence lengths differ between layers)")
@@ -745,6 +807,15 @@ def _decoder_forward(
     state.next_positions = (position_ids if position_ids is not None else rope_pos)[..., -1:] + 1
     # ---- end ----
     return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+
+def _sliding_window(config: Any) -> bool:
+    """Whether the decoder attends within a sliding window: its ``layer_types`` say so (Qwen2,
+    Gemma), or, for decoders without ``layer_types`` (Mistral), ``sliding_window`` is set."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return "sliding_attention" in layer_types
+    return getattr(config, "sliding_window", None) is not None
 
 
 def _causal_mask(q_len: int, kv_len: int, impl: str, like: torch.Tensor) -> torch.Tensor | None:
@@ -843,6 +914,7 @@ def _prune_step(
             extras=extras,
             family=state.family.name,
             ratio=ratio,
+            crops=seg.crops,
         )
         out = select(ctx, keep) if stage == "vision" else method.fn(ctx, keep, **args)
         kept, merged, added = methods.check_output(method, out, n, keep)
@@ -950,13 +1022,29 @@ def _compute_needs(
     :class:`_Prefill`)."""
     out: dict[str, Any] = {}
     full_attention: torch.Tensor | None = None
+    family, segments = state.family, state.prefill.segments if state.prefill is not None else []
+    where: dict[str, torch.Tensor] = {}
+
+    def text_start(idx: torch.Tensor, seg: _Segment) -> int:
+        # Where the text after image ``seg`` starts in the current sequence: after its last visual
+        # token, or, for an image with markers (LLaVA-NeXT: its last row's newline token, never
+        # pruned), after its last placeholder.
+        if not seg.markers:
+            return int(idx.max()) + 1
+        if "pos" not in where:
+            where["pos"] = torch.full((state.prefill.n_table,), -1, dtype=torch.long, device=seq_index.device)
+            where["pos"][seq_index] = torch.arange(len(seq_index), device=seq_index.device)
+        return int(where["pos"][seg.end]) + 1
+
     for need in needs:
         if need.startswith(("last_query_attention_prev", "prev_")) and prev_input is None:
             raise ValueError(f"{need} needs a previous layer (prune at layer >= 1)")
         if need in OPTIONAL_VIT_NEEDS:
             # Per image, columns of the survivors; None where the family captured nothing.
             v = state.vision.get(need)
-            out[need] = None if v is None else (lambda idx, img, seg, v=v: v[img][:, _vit_cols(state, img, seg)])
+            out[need] = None if v is None else (
+                lambda idx, img, seg, v=v: family.vit_image(v, img, segments, -1)[:, _vit_cols(state, img, seg)]
+            )
             continue
         if need == "instruction_text":
             text = state.sample_info.get("text")
@@ -974,12 +1062,13 @@ def _compute_needs(
             continue
         if need in ("input_visual", "input_text_only", "prev_attention_text_only"):
             prefill = state.prefill
-            visual = prefill.visual_ids(hidden.device)
+            visual = prefill.visual_ids(hidden.device, markers=True)  # no image's placeholder is text
             h0, ids0 = prefill.input0 if prefill.input0 is not None else (hidden, seq_index)
 
             def text_rows(ids: torch.Tensor, seg: _Segment, visual: torch.Tensor = visual) -> torch.Tensor:
-                # Rows of ``ids`` that are text after this image: no image's token, later in the prompt.
-                return torch.nonzero(~visual[ids] & (ids > seg.orig_seq[seg.n_orig - 1])).flatten()
+                # Rows of ``ids`` that are text after this image: no image's token (nor marker), later
+                # in the prompt.
+                return torch.nonzero(~visual[ids] & (ids > seg.end)).flatten()
 
             if need == "input_visual":
                 out[need] = lambda idx, img, seg, h=h0, ids=ids0: h[0, torch.isin(ids, seg.orig_seq)]
@@ -1013,7 +1102,7 @@ def _compute_needs(
             out[need] = layered
         elif need in ("prev_keys", "prev_text_keys"):
             keys = layer_keys(state.family, text.layers[layer - 1], *prev_input)[0]  # [L, KV*hd]
-            out[need] = (lambda idx, *_, k=keys: k[idx]) if need == "prev_keys" else (lambda idx, *_, k=keys: k[int(idx.max()) + 1 :])
+            out[need] = (lambda idx, *_, k=keys: k[idx]) if need == "prev_keys" else (lambda idx, img, seg, k=keys: k[text_start(idx, seg) :])
         elif need in ("prev_attention_visual", "prev_attention_text"):
             if full_attention is None:  # shared by the two needs
                 full_attention = attention_probs(state.family, text.layers[layer - 1], *prev_input)
@@ -1021,11 +1110,11 @@ def _compute_needs(
             if need == "prev_attention_visual":
                 out[need] = lambda idx, *_, a=attn: a[:, idx][:, :, idx]
             else:
-                out[need] = lambda idx, *_, a=attn: a[:, int(idx.max()) + 1 :][:, :, idx]
+                out[need] = lambda idx, img, seg, a=attn: a[:, text_start(idx, seg) :][:, :, idx]
         elif need == "final_normed_features":
             out[need] = lambda idx, *_, h=hidden: text.norm(h[0, idx])
         elif need == "final_normed_text":
-            out[need] = lambda idx, *_, h=hidden: text.norm(h[0, int(idx.max()) + 1 :])
+            out[need] = lambda idx, img, seg, h=hidden: text.norm(h[0, text_start(idx, seg) :])
         elif need == "sequence_index":
             out[need] = lambda idx, *_: idx
         elif need in (
@@ -1035,21 +1124,26 @@ def _compute_needs(
             if need not in state.vision:
                 raise RuntimeError(f"{need} was not captured during the vision pass")
             # Per image, the survivors (pre-LLM runs first, so all of them): rows of [N, C],
-            # columns of [H, N]; [1 + N, .] tensors keep their [CLS] row first.
+            # columns of [H, N]; [1 + N, .] tensors keep their [CLS] row(s) first. The family maps
+            # its ViT items to the image's tokens (Family.vit_image / vit_split_cls / vit_cls).
             v = state.vision[need]
             if need == "vit_features":
-                out[need] = lambda idx, img, seg, v=v: v[img][_vit_cols(state, img, seg)]
+                out[need] = lambda idx, img, seg, v=v: family.vit_image(v, img, segments, 0)[_vit_cols(state, img, seg)]
             elif need == "vit_cls_attention":
-                out[need] = lambda idx, img, seg, v=v: v[img][:, _vit_cols(state, img, seg)]
+                out[need] = lambda idx, img, seg, v=v: family.vit_image(v, img, segments, -1)[:, _vit_cols(state, img, seg)]
             elif need == "vit_cls_feature":
-                out[need] = lambda idx, img, seg, v=v: v[img]
+                out[need] = lambda idx, img, seg, v=v: family.vit_cls(v, img, segments)
             elif need in ("vit_projector", "vit_post_layernorm"):
                 out[need] = lambda *_, p=v: p  # a callable itself: not evaluated per image
             else:
-                out[need] = lambda idx, img, seg, v=v: v[img][torch.cat([seg.alive.new_zeros(1), _vit_cols(state, img, seg) + 1])]
+                def with_cls(idx, img, seg, v=v):
+                    cls, patches = family.vit_split_cls(v, img, segments)
+                    return torch.cat([cls, patches[_vit_cols(state, img, seg).to(patches.device)]])
+
+                out[need] = with_cls
         elif need == "text_features":
             # "Text" is every token after the image (question + assistant prefix), as in METHODS.md.
-            out[need] = lambda idx, *_, h=hidden: h[0, int(idx.max()) + 1 :]
+            out[need] = lambda idx, img, seg, h=hidden: h[0, text_start(idx, seg) :]
         else:  # registry validation makes this unreachable
             raise KeyError(need)
     return out

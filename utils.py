@@ -232,7 +232,7 @@ class PruneConfig:
                 raise ConfigError(
                     f"{name} does not apply to {family}: it supports {supported} only. Use {runners} with "
                     f"a {supported} checkpoint, or another {m.stage} method for {family} ({', '.join(others[:4])}, ...)"
-                    + (f". Why: {m.refusal}" if m.refusal else "")
+                    + (f". Why: {m.refusal_for(family)}" if m.refusal_for(family) else "")
                 )
 
     def tag(self) -> str:

@@ -13,12 +13,12 @@ The protocol (how a sample becomes model inputs and an answer):
 
 * ``vlmeval`` (the default): VLMEvalKit's own wrapper of the reference model name (``Qwen2VLChat``
   for ``Qwen2.5-VL-7B-Instruct``, ``InternVLChat`` for ``InternVL3-8B``, ``LLaVA`` for
-  ``llava_v1.5_7b``, ...), built by its own ``__init__`` from ``vlmeval.config.supported_VLM`` with
-  its own keyword arguments, and run by its own ``use_custom_prompt`` / ``build_prompt`` /
-  ``generate_inner``: the same prompts, image preprocessing and generation settings as VLMEvalKit.
-  Only the loading is ours: the wrapper's loaders are answered with the checkpoint we loaded and
-  patched (:func:`vlmeval_wrapper`), and its ``self.model`` is a :class:`ModelShim` that hands each
-  generate call to our (HF-native) model. Families supply the loaders and the shim
+  ``llava_v1.5_7b``, ``LLaVA_Next`` for ``llava_next_vicuna_7b``, ...), built by its own ``__init__``
+  from ``vlmeval.config.supported_VLM`` with its own keyword arguments, and run by its own
+  ``use_custom_prompt`` / ``build_prompt`` / ``generate_inner``: the same prompts, image
+  preprocessing and generation settings as VLMEvalKit. Only the loading is ours: the wrapper's
+  loaders are answered with the checkpoint we loaded and patched (:func:`vlmeval_wrapper`), and its
+  ``self.model`` is a :class:`ModelShim` that hands each generate call to our (HF-native) model. Families supply the loaders and the shim
   (``custom_*.py``: ``VLMEVAL_DEFAULT``, ``vlmeval_loaders``, ``vlmeval_shim``).
 * ``chat_template``: the checkpoint's own chat template and processor, greedy decoding (for
   checkpoints VLMEvalKit has no wrapper of, and the proxy models, which were trained on it).
@@ -446,6 +446,32 @@ def vlmeval_wrapper(family: ModuleType, protocol: Protocol, loaded: LoadedModel)
 
 
 # ----------------------------------------------------------------------------- the checkpoint's own chat template
+def messages_from_tsv(path: Path, limit: int, workdir: Path) -> list[list[dict[str, str]]]:
+    """The first ``limit`` (image, question) messages of a VLMEvalKit TSV (base64 ``image`` column),
+    images written once each to ``workdir`` (MME rows that reuse another row's image name its index).
+    For the calibration scripts (``scripts/vtw_find_k.py``, ``scripts/fitprune_calibrate.py``), which
+    feed them to :func:`build_inputs`."""
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    rows = pd.read_csv(path, sep="\t").head(limit)
+    indices = set(rows["index"].astype(str))
+    files: dict[str, str] = {}
+    out = []
+    for _, row in rows.iterrows():
+        data = str(row["image"])
+        if data not in files and len(data) < 64 and data in indices:  # MME: the image of another row
+            data = str(rows[rows["index"].astype(str) == data].iloc[0]["image"])
+        if data not in files:
+            files[data] = str(workdir / f"{len(files)}.png")
+            Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB").save(files[data])
+        out.append([{"type": "image", "value": files[data]}, {"type": "text", "value": str(row["question"])}])
+    return out
+
+
 def build_inputs(processor: Any, message: list[dict[str, str]], device: torch.device) -> dict[str, torch.Tensor]:
     """Model inputs for a VLMEvalKit message (``[{'type': 'image'|'text', 'value': ...}, ...]``,
     images as file paths) through the checkpoint's own chat template and processor."""

@@ -54,6 +54,10 @@ __all__ = [
     "names",
     "all_methods",
     "budget",
+    "crop_budgets",
+    "crop_rows",
+    "select_per_crop",
+    "Crops",
     "check_selection",
     "check_output",
     "Selection",
@@ -339,6 +343,9 @@ class PruneContext:
         ratio: the event's keep ratio (a fraction of ``n_orig``; ``None`` for a method that decides its
             own count), for originals that derive their counts from the ratio with their own rounding
             (``keep`` is ``budget(n_orig, ratio)``).
+        crops: the image's crop structure where the family has one (LLaVA-NeXT's base image and
+            high-resolution crops, :class:`Crops`), for methods whose originals select per crop;
+            ``None`` elsewhere.
     """
 
     features: torch.Tensor
@@ -353,6 +360,7 @@ class PruneContext:
     extras: Mapping[str, Any] = field(default_factory=dict)
     family: str = ""
     ratio: float | None = None
+    crops: "Crops | None" = None
 
     @property
     def n(self) -> int:
@@ -389,7 +397,9 @@ class PruneMethod:
     schedule: Callable[[float | None, Mapping[str, Any]], tuple[tuple[tuple[int, float | None], ...], dict[str, Any]]] | None = None
     trim_cache: bool = False  # after the prefill, caches from its first event's layer - 1 on keep only the final survivors
     vit_merge: "ViTMerge | ViTLayerMerge | None" = None  # a merge inside the vision encoder (a "vision" event before the LLM)
-    refusal: str = ""  # why the method does not apply to the families outside ``families`` (shown in the error)
+    # Why the method does not apply to the families outside ``families`` (shown in the error): one
+    # reason for all of them, or family -> reason (see :meth:`refusal_for`).
+    refusal: str | Mapping[str, str] = ""
     # Per-family needs (``needs`` is then their union): family -> needs.
     family_needs: Mapping[str, tuple[str, ...]] | None = None
     # (family, args) -> {layered ViT need: (layer, ...)}: the ViT layers its ``vit_*`` needs refer to.
@@ -402,6 +412,12 @@ class PruneMethod:
     def summary(self) -> str:
         doc = inspect.getdoc(self.fn) or ""
         return doc.splitlines()[0] if doc else ""
+
+    def refusal_for(self, family: str) -> str:
+        """Why the method does not apply to ``family`` ('' when no reason was registered)."""
+        if isinstance(self.refusal, Mapping):
+            return self.refusal.get(family, self.refusal.get("*", ""))
+        return self.refusal
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -460,7 +476,7 @@ def register_prune(
     schedule: Callable[..., Any] | None = None,
     trim_cache: bool = False,
     vit_merge: "ViTMerge | ViTLayerMerge | None" = None,
-    refusal: str = "",
+    refusal: str | Mapping[str, str] = "",
     vit_layers: Callable[[str, Mapping[str, Any]], Mapping[str, tuple[int, ...]]] | None = None,
     pre_stage: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -503,7 +519,7 @@ def register_prune(
             Families that cannot run it skip it with a ``vision`` trace note. A
             :class:`ViTLayerMerge` merges at every ViT layer up to the feature layer instead (ToMe).
         refusal: the reason the method does not apply outside ``families``, appended to the
-            configuration error.
+            configuration error; or a mapping family -> reason (key ``"*"``: every other family).
         vit_layers: ``(family, args) -> {need: (layer, ...)}`` for the layered ViT needs
             (``vit_attention_received``, ``vit_cls_rows``, ``vit_unit_keys``): which ViT layers
             (0-based, negative from the end) the family's capture hooks; ``args`` are the
@@ -643,6 +659,100 @@ def budget(n: int, ratio: float) -> int:
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"keep ratio must be in (0, 1], got {ratio}")
     return max(1, min(n, math.floor(n * ratio + 0.5 + 1e-9)))
+
+
+def crop_budgets(sizes: "list[int] | tuple[int, ...]", keep: int) -> list[int]:
+    """``keep`` tokens split over crops of ``sizes`` tokens, in proportion to their sizes.
+
+    Largest remainder: crop ``c`` gets ``floor(keep * s_c / S)``, then the crops with the largest
+    remainders ``keep * s_c mod S`` one more each (ties: the earlier crop) until the split sums to
+    ``keep`` (``S = sum(sizes)``, ``0 <= keep <= S``); never more than a crop holds. For crops of
+    equal size this is the originals' T per crop (``keep = T * crops``); e.g. 320 over five
+    576-token crops is 64 each, LLaVA-NeXT's 5 x 64 at ``KEEP_RATIO`` 0.111.
+    """
+    total = sum(sizes)
+    if not 0 <= keep <= total:
+        raise ValueError(f"cannot keep {keep} of {total} tokens")
+    if total == 0:
+        return [0] * len(sizes)
+    out = [keep * s // total for s in sizes]
+    by_remainder = sorted(range(len(sizes)), key=lambda c: (-(keep * sizes[c] % total), c))
+    for c in by_remainder[: keep - sum(out)]:
+        out[c] += 1
+    return out
+
+
+@dataclass(frozen=True)
+class Crops:
+    """The crop structure of one LLaVA-NeXT image (``ctx.crops``), for methods whose originals select
+    per crop (``docs/llava_next.md``).
+
+    The image's visual tokens (``ctx.token_index`` order; the row-end newline tokens are not visual
+    tokens) are the base image's ``side x side`` patches (row-major), then the high-resolution
+    crops stitched into one ``(rows * side) x (cols * side)`` grid, cut to its unpadded ``window``,
+    row-major over that window. Crop 0 is the base image, crop ``1 + r * cols + c`` the
+    high-resolution crop at row ``r``, column ``c`` (the order of the crops in ``pixel_values`` and
+    in the ViT batch).
+
+    Attributes:
+        side: tokens per crop side (CLIP-L/14 at 336 px: 24).
+        grid: ``(rows, cols)`` of high-resolution crops.
+        window: ``(top, bottom, left, right)``: the unpadded part of the stitched grid, in tokens
+            (rows ``top..bottom-1``, columns ``left..right-1``).
+        crop: ``[N]`` the crop of each token.
+        patch: ``[N]`` each token's patch in its crop's own ``side x side`` ViT grid (row-major).
+        members: per crop, ``[n_c]`` its tokens (indices into the image's tokens, ascending).
+        sizes: per crop, ``n_c`` (a crop cut by the unpadding has fewer than ``side**2``).
+    """
+
+    side: int
+    grid: tuple[int, int]
+    window: tuple[int, int, int, int]
+    crop: torch.Tensor
+    patch: torch.Tensor
+    members: tuple[torch.Tensor, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def n_crops(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def vit_index(self) -> torch.Tensor:
+        """``[N]`` each token's row in its image's ViT patches flattened crop by crop
+        (``crop * side**2 + patch``)."""
+        return self.crop * self.side**2 + self.patch
+
+    def to(self, device: torch.device) -> "Crops":
+        return Crops(self.side, self.grid, self.window, self.crop.to(device), self.patch.to(device),
+                     tuple(m.to(device) for m in self.members), self.sizes)
+
+
+def crop_rows(ctx: PruneContext) -> list[torch.Tensor]:
+    """Per crop of ``ctx.crops``, the rows of ``ctx.features`` that belong to it, ascending. Before any
+    cut of the image (pre-LLM) these are ``Crops.members`` (no host sync); after one, one sync a crop."""
+    crops = ctx.crops
+    if crops is None:
+        raise ValueError("crop_rows needs ctx.crops (a family with crops: LLaVA-NeXT)")
+    if ctx.n == ctx.n_orig:  # nothing cut yet: token_index is 0..N-1
+        return list(crops.members)
+    owner = crops.crop.to(ctx.token_index.device)[ctx.token_index]
+    return [torch.nonzero(owner == c).flatten() for c in range(crops.n_crops)]
+
+
+def select_per_crop(
+    ctx: PruneContext, keep: int, select: Callable[[int, torch.Tensor, int], torch.Tensor]
+) -> torch.Tensor:
+    """``keep`` tokens chosen crop by crop, for methods whose originals select per crop on LLaVA-NeXT.
+
+    ``keep`` is split over the crops by :func:`crop_budgets` (in proportion to their tokens);
+    ``select(c, rows, t)`` picks ``t`` of crop ``c``'s ``rows`` (``[n_c]`` rows of ``ctx.features``)
+    and returns them as positions into ``rows`` (``[t]``). Crops whose share is 0 are skipped.
+    Returns ``[keep]`` rows of ``ctx.features`` (crop by crop; the engine sorts them)."""
+    rows = crop_rows(ctx)
+    budgets = crop_budgets([int(r.numel()) for r in rows], keep)
+    picks = [r[select(c, r, t)] for c, (r, t) in enumerate(zip(rows, budgets)) if t > 0]
+    return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long, device=ctx.features.device)
 
 
 class Selection(NamedTuple):

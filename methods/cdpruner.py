@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods import PruneContext, register_prune
+from methods import PruneContext, crop_budgets, crop_rows, register_prune
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,47 @@ def cdpruner_select(
     return dpp_greedy(kernel, keep)
 
 
+def cdpruner_select_crops(
+    features: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor, rows: list[torch.Tensor],
+    budgets: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CDPruner's selection on crops of different sizes (LLaVA-NeXT after the unpadding): one DPP per
+    crop with its own T, the relevance min-max scaled over all crops together.
+
+    Args:
+        features: ``[N, D]`` the image's projected tokens (all its crops).
+        image_embeds: ``[N, E]`` their CLIP image embeddings.
+        text_embeds: ``[M, E]`` the instruction's CLIP text chunks.
+        rows: per crop, its rows of ``features`` (``[n_c]``).
+        budgets: per crop, its T.
+
+    Returns:
+        ``(picks [B, T_max], valid [B, T_max])``: rows of ``features`` in each crop's pick order; a
+        pick is valid if it is one of the first ``T_c`` of its crop and the original's (gain > 0).
+
+    The crops are padded to the largest; a padding slot has zero features and zero relevance, so
+    its kernel row and column are 0: its gain is 0, never taken before the crop's own tokens (the
+    greedy stops at the first gain <= 0, and later picks are invalid). The greedy of a crop with
+    ``T_c`` picks is the first ``T_c`` of ``T_max`` greedy picks (greedy order). One batched DPP,
+    no host sync.
+    """
+    device = features.device
+    rel = cdpruner_relevance(image_embeds.unsqueeze(0), text_embeds)[0]  # [N], scaled over all crops
+    width = max(int(r.numel()) for r in rows)
+    index = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    real = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    for c, r in enumerate(rows):
+        index[c, : r.numel()], real[c, : r.numel()] = r, True
+    x = features.float()
+    x = (x / x.norm(dim=-1, keepdim=True))[index] * real.unsqueeze(-1)  # [B, W, D]
+    q = rel[index] * real  # [B, W]
+    kernel = q.unsqueeze(2) * (x @ x.transpose(1, 2)) * q.unsqueeze(1)
+    t_max = max(budgets)
+    picks, valid = dpp_greedy(kernel, t_max)
+    within = torch.arange(t_max, device=device).unsqueeze(0) < torch.tensor(budgets, device=device).unsqueeze(1)
+    return index.gather(1, picks), valid & within
+
+
 class ClipText:
     """The parts of a CLIP checkpoint CDPruner adds to a LLaVA model: tokenizer, text tower with
     projection, and ``visual_projection`` (fp32, on ``device``). Use :func:`load_clip`."""
@@ -226,13 +267,15 @@ def load_clip(name: str, device: torch.device | str) -> ClipText:
     stage="pre_llm",
     needs=("vit_features", "vit_post_layernorm", "instruction_text"),
     exact_count=False,
-    families=("llava",),
+    families=("llava", "llava_next"),
     source="Theia-4869/CDPruner",
     paper="https://arxiv.org/abs/2506.10967",
     deviation="Not in UniPruneBench. T = budget(N, KEEP_RATIO) per image; CLIP text tower + visual_projection "
     "from PRUNE_ARGS clip_model (llava-hf has neither); question = sample_info['text'] minus answer-format "
     "instructions; fewer than T at the kernel's rank (the original: NaN picks); relevance scaled per image; "
-    "own positions (original: sequential). docs/methods_text.md",
+    "own positions (original: sequential). LLaVA-NeXT: one DPP per crop, T per crop = budget(N, r) split over the "
+    "crops in proportion to their tokens, relevance scaled over the image's crops, among the tokens the unpadding "
+    "keeps (original: T of 576 per crop, no unpad). docs/methods_text.md, docs/llava_next.md",
     refusal="its relevance is a CLIP text-image cosine, which needs CLIP's text tower and a CLIP-aligned image "
     "space; this family's ViT has neither (the paper's Qwen2.5-VL results come with no code)",
 )
@@ -242,7 +285,8 @@ def cdpruner(
     """Keep a diverse, instruction-relevant subset by greedy MAP of a conditional DPP.
 
     ``keep`` is the original's ``visual_token_num`` T (``budget(N, KEEP_RATIO)``); fewer when T
-    exceeds the kernel's rank. ``clip_model``: the CLIP checkpoint (name or path) whose text tower
+    exceeds the kernel's rank. LLaVA-NeXT (``ctx.crops``): one DPP per crop with its share of
+    ``keep`` (:func:`cdpruner_select_crops`), the relevance scaled over all crops, as the original. ``clip_model``: the CLIP checkpoint (name or path) whose text tower
     and ``visual_projection`` score relevance; it must be the model's vision tower.
     ``strip_suffixes``: remove :data:`INSTRUCTION_SUFFIXES` from the question first.
     """
@@ -251,5 +295,10 @@ def cdpruner(
     if strip_suffixes:
         text = strip_instruction(text)
     image_embeds = clip.image_embeds(ctx["vit_features"], ctx["vit_post_layernorm"])  # [N, E]
+    if ctx.crops is not None:  # LLaVA-NeXT: a DPP per crop, each with its share of keep
+        rows = crop_rows(ctx)
+        budgets = crop_budgets([int(r.numel()) for r in rows], keep)
+        picks, valid = cdpruner_select_crops(ctx.features, image_embeds, clip.text_embeds(text), rows, budgets)
+        return picks[valid]  # the one host sync
     picks, valid = cdpruner_select(ctx.features.unsqueeze(0), image_embeds.unsqueeze(0), clip.text_embeds(text), keep)
     return picks[0][valid[0]]  # the one host sync: how many picks are valid

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import torch
 
-from methods import PruneContext, Range, register_prune
+from methods import PruneContext, Range, crop_budgets, crop_rows, register_prune
 
 
 def gprune_scores(
@@ -44,7 +44,9 @@ def gprune_scores(
     source="jytmelon/G-Prune",
     paper="https://arxiv.org/abs/2501.02268",
     deviation="Same scores as the original and UniPruneBench; round-half-up budget (theirs: max(1, int(N*r))); one "
-    "graph per image (UniPruneBench: InternVL tile 0 and tiles 1..P-1 apart; original: LLaVA-NeXT base/high-res apart).",
+    "graph per image (UniPruneBench: InternVL tile 0 and tiles 1..P-1 apart). LLaVA-NeXT as the original: the base "
+    "image and the high-resolution tokens as two graphs, newlines always kept; budget(N, r) split between them in "
+    "proportion to their tokens (original: int(r*576) and int(r*rows*cols)).",
 )
 def gprune(
     ctx: PruneContext,
@@ -59,9 +61,21 @@ def gprune(
     Paper: https://arxiv.org/abs/2501.02268
 
     See :func:`gprune_scores`. ``ctx.features``: ``[N, D]`` projector outputs; returns the
-    top-``keep`` indices ``[keep]``. The original prunes the LLaVA-NeXT base image (576 tokens) and
-    the high-resolution tokens as two separate graphs and always keeps the row-end newline tokens;
-    here every image is one graph (InternVL tiles and Qwen frames are not separated).
+    top-``keep`` indices ``[keep]``. Every image is one graph (InternVL tiles and Qwen frames are not
+    separated), except on LLaVA-NeXT, the original's own model (``LLaVA-NeXT/llava/model/llava_arch.py``):
+    the base image's tokens and the high-resolution tokens are two graphs, each keeping its share of
+    ``keep`` (:func:`methods.crop_budgets` over the two; the original: ``int(0.5 * 576)`` and
+    ``int(0.5 * rows * cols)``); the row-end newline tokens, which the original always keeps and
+    leaves out of both graphs, are no visual tokens here (never pruned).
     """
-    scores = gprune_scores(ctx.features, similarity=similarity, temperature=temperature, iterations=iterations)
-    return scores.topk(keep).indices
+    hyper = dict(similarity=similarity, temperature=temperature, iterations=iterations)
+    if ctx.crops is None:
+        return gprune_scores(ctx.features, **hyper).topk(keep).indices
+    base, *high = crop_rows(ctx)
+    parts = [base, torch.cat(high).sort().values] if high else [base]
+    picks = [
+        r[gprune_scores(ctx.features[r], **hyper).topk(t).indices]
+        for r, t in zip(parts, crop_budgets([int(r.numel()) for r in parts], keep))
+        if t > 0
+    ]
+    return torch.cat(picks)

@@ -33,29 +33,39 @@ Per family:
   than ``T`` tokens (reproduced; the trace reports the count). ``T = round(N * r)`` (half to even, from
   ``ctx.ratio``: the original's ``HIPRUNE_QWEN_RETENTION``); ``w`` = the image's merged grid width (the
   original takes the first image's, and fails on prompts whose images are not adjacent).
+* **LLaVA-NeXT**: per crop, as the original's LLaVA path runs on every crop of a LLaVA-1.6 image
+  (``bench_llava_next.sh``: ``HIPRUNE_RETENTION=640`` over the crops, ``int(640 / crops)`` each):
+  each crop keeps its share of ``budget(N, r)`` (:func:`methods.crop_budgets`), scores as LLaVA-1.5's
+  on the crop's own 577 query rows, anchors and buffers on the crop's own 24 x 24 grid (``w`` = 24,
+  clamped to its 576 patches); patches the unpadding removed are neither anchors nor registers, and
+  a buffer on one is dropped (the original, under ``spatial``, keeps all 576 of every crop).
 * **InternVL3** (OURS): per tile the LLaVA scores (InternViT has a [CLS] query row: the mean over all
   1 + P rows, [CLS] column dropped), averaged over each pixel-shuffle unit; object layer 9 of
   InternViT's 24 (as CLIP-L's), deep = the feature layer (the last); ``T`` = ``budget(N, r)``;
   buffers on the image's tokens in flat order (tiles one after the other, ``w`` = the tile side).
 
-Host syncs: one per image (the deduplicated buffer count sets the register count).
+Host syncs: one per image (the deduplicated buffer count sets the register count); on LLaVA-NeXT
+one per crop, plus its index conversion.
 """
 
 from __future__ import annotations
 
 import torch
 
-from methods import PruneContext, register_prune
+from methods import PruneContext, crop_budgets, crop_rows, register_prune
 
-OBJECT_LAYER = {"llava": 9, "qwen2_5_vl": 16, "internvl": 9}  # HIPRUNE_OBJECT_LAYER (1-based): the scripts'
-DEEP_LAYER = {"llava": -2, "qwen2_5_vl": -1, "internvl": -1}  # LLaVA mm_vision_select_layer; Qwen attn_list[-1]
+# HIPRUNE_OBJECT_LAYER (1-based): the scripts' (bench_llava_next.sh: 9 too)
+OBJECT_LAYER = {"llava": 9, "llava_next": 9, "qwen2_5_vl": 16, "internvl": 9}
+DEEP_LAYER = {"llava": -2, "llava_next": -2, "qwen2_5_vl": -1, "internvl": -1}  # LLaVA mm_vision_select_layer; Qwen attn_list[-1]
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def hiprune_select(shallow: torch.Tensor, deep: torch.Tensor, keep: int, width: int, alpha: float = 0.1) -> torch.Tensor:
+def hiprune_select(
+    shallow: torch.Tensor, deep: torch.Tensor, keep: int, width: int, alpha: float = 0.1, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """HiPrune's kept tokens ``[k]`` (ascending, ``k <= keep``) of one image.
 
     Args:
@@ -64,6 +74,9 @@ def hiprune_select(shallow: torch.Tensor, deep: torch.Tensor, keep: int, width: 
         keep: ``T``, the retention.
         width: ``w``, the buffer step between rows.
         alpha: the anchor share (``HIPRUNE_ALPHA``, 0.1 in the scripts).
+        valid: ``[N]`` bool, the tokens that exist (None: all). LLaVA-NeXT's crops on their full
+            24 x 24 grid, where the unpadding removed some patches: an invalid token is never an
+            anchor or a register, and a buffer that falls on one is no buffer (it does not count).
 
     As the original (module docstring): ``round(T * alpha / 5)`` anchors, their flat ``+-1``,
     ``+-w`` buffers clamped to ``[0, N - 1]``, then ``T - |buffers|`` registers: the top of
@@ -72,14 +85,21 @@ def hiprune_select(shallow: torch.Tensor, deep: torch.Tensor, keep: int, width: 
     is picked and every buffer is kept.
     """
     n = shallow.shape[0]
+    if valid is not None:  # absent tokens: never an anchor, never a register
+        shallow = shallow.masked_fill(~valid, -torch.inf)
+        deep = deep.masked_fill(~valid, -torch.inf)
     anchors = shallow.topk(min(n, round(keep * alpha / 5))).indices  # round(): half to even, as the original
     buffers = torch.cat([anchors, anchors - 1, anchors + 1, anchors - width, anchors + width]).clamp(0, n - 1)
     mask = torch.zeros(n, dtype=torch.bool, device=shallow.device)
     mask[buffers] = True
+    if valid is not None:
+        mask &= valid
     n_registers = max(keep - int(mask.sum()), 0)  # the one host sync: the deduplicated buffer count
     scores = deep - mask.to(deep.dtype)  # deep_attention -= available_index_mask.int()
     kept = mask.clone()
     kept[scores.topk(min(n, n_registers)).indices] = True  # a register may be a buffer again (Qwen's scale)
+    if valid is not None:
+        kept &= valid
     return torch.nonzero(kept).flatten()
 
 
@@ -97,14 +117,16 @@ def _layers(family: str, args: dict) -> dict[str, tuple[int, ...]]:
     needs=("vit_attention_received",),
     vit_layers=_layers,
     exact_count=False,
-    families=("llava", "qwen2_5_vl", "internvl"),
+    families=("llava", "llava_next", "qwen2_5_vl", "internvl"),
     source="Danielement321/HiPrune",
     paper="https://arxiv.org/abs/2508.00553",
     deviation=(
         "Not in UniPruneBench. As the original per family: LLaVA T = budget(N, r) (192/128/64 of 576); Qwen "
         "T = round(N*r), scores summed over queries so buffers can be re-picked (fewer than T kept), width of "
         "each image (original: the first image's); attention under the per-image mask (its FA2 path: none). "
-        "InternVL (OURS): LLaVA scoring per tile, mean over pixel-shuffle units, T = budget(N, r)."
+        "InternVL (OURS): LLaVA scoring per tile, mean over pixel-shuffle units, T = budget(N, r). LLaVA-NeXT: per "
+        "crop, budget(N, r) split over the crops in proportion to their tokens (original: HIPRUNE_RETENTION / crops), "
+        "unpadded patches neither anchors nor registers."
     ),
 )
 def hiprune(ctx: PruneContext, keep: int, *, alpha: float = 0.1, object_layer: int | None = None) -> torch.Tensor:
@@ -119,6 +141,8 @@ def hiprune(ctx: PruneContext, keep: int, *, alpha: float = 0.1, object_layer: i
     layers = _layers(ctx.family, {"object_layer": object_layer})["vit_attention_received"]
     received = ctx["vit_attention_received"]  # {layer: [H, N]}: summed over the query rows
     shallow, deep = (_up(received[l]).mean(dim=0) for l in layers)  # head means
+    if ctx.crops is not None:  # LLaVA-NeXT: every crop on its own CLIP grid
+        return _per_crop(ctx, keep, shallow, deep, alpha)
     if ctx.family == "qwen2_5_vl":
         t = round(ctx.n * ctx.ratio)  # HIPRUNE_QWEN_RETENTION: round() of the image's count
     else:  # a mean over the query rows: [CLS] + the patches of a CLIP image / an InternViT tile
@@ -126,6 +150,29 @@ def hiprune(ctx: PruneContext, keep: int, *, alpha: float = 0.1, object_layer: i
         shallow, deep, t = shallow / rows, deep / rows, keep
     width = ctx.grid[2] if ctx.grid is not None else max(1, round(ctx.n**0.5))
     return hiprune_select(shallow, deep, t, width, alpha)
+
+
+def _per_crop(ctx: PruneContext, keep: int, shallow: torch.Tensor, deep: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LLaVA-NeXT: :func:`hiprune_select` on each crop's ``side x side`` CLIP grid (scores of the
+    patches the unpadding removed left out via ``valid``), T = the crop's share of ``keep``, scores
+    averaged over the crop's ``1 + side**2`` query rows. Returns rows of ``ctx.features``."""
+    crops = ctx.crops
+    grid = crops.side**2
+    patch_of = crops.patch.to(shallow.device)[ctx.token_index]  # [N] each token's patch in its crop
+    rows = crop_rows(ctx)
+    kept = []
+    for r, t in zip(rows, crop_budgets([int(r.numel()) for r in rows], keep)):
+        if t == 0:
+            continue
+        patches = patch_of[r]
+        full = torch.zeros(2, grid, dtype=shallow.dtype, device=shallow.device)  # shallow, deep on the crop's grid
+        full[:, patches] = torch.stack([shallow[r], deep[r]]) / (grid + 1)
+        valid = torch.zeros(grid, dtype=torch.bool, device=shallow.device)
+        valid[patches] = True
+        row_of = torch.full((grid,), -1, dtype=torch.long, device=shallow.device)
+        row_of[patches] = r
+        kept.append(row_of[hiprune_select(full[0], full[1], t, crops.side, alpha, valid)])
+    return torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long, device=shallow.device)
 
 
 def _tile_rows(ctx: PruneContext) -> int:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import torch
 
-from methods import OneOf, PruneContext, register_prune
+from methods import OneOf, PruneContext, crop_budgets, register_prune
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def _frame_budgets(t: int, keep: int) -> list[int]:
     source="TianfanPeng/VLMUniPruneBench",
     paper="https://arxiv.org/abs/2511.02650",
     deviation="Any budget (UniPruneBench: 4/16/25 per tile, square targets only, InternVL only); pooled "
-    "tokens take the position of their window's centre token instead of the image span's first k slots.",
+    "tokens take the position of their window's centre token instead of the image span's first k slots. "
+    "LLaVA-NeXT (ours): the base grid and the unpadded high-resolution grid pooled apart, the budget split between them.",
 )
 def pool(ctx: PruneContext, keep: int, *, mode: Annotated[str, OneOf(*MODES)] = "avg") -> tuple[torch.Tensor, torch.Tensor]:
     """Pool the visual tokens into `keep` spatial cells (adaptive average or max pooling).
@@ -86,7 +87,10 @@ def pool(ctx: PruneContext, keep: int, *, mode: Annotated[str, OneOf(*MODES)] = 
       25 on a square grid) the result equals ``adaptive_*_pool2d(frame, (r, c))``, i.e.
       UniPruneBench's output at its targets;
     * without a grid (or one that does not match ``ctx.n``) the tokens are one frame on
-      UniPruneBench's guessed grid (:func:`resolve_hw`).
+      UniPruneBench's guessed grid (:func:`resolve_hw`);
+    * LLaVA-NeXT (``ctx.crops``): two frames, the base image's ``side x side`` grid and the
+      unpadded high-resolution window (the crops stitched, ``Crops.window``), ``keep`` split
+      between them in proportion to their tokens (:func:`methods.crop_budgets`).
 
     Each pooled token replaces the token at its window's centre (row ``(r0+r1-1)//2``, column
     ``(c0+c1-1)//2``), which is unique per window, so the pooled token keeps a position inside the
@@ -107,20 +111,31 @@ def pool(ctx: PruneContext, keep: int, *, mode: Annotated[str, OneOf(*MODES)] = 
         raise ValueError(f"pool_pre_llm: mode must be one of {MODES}, got {mode!r}")
     x = ctx.features
     n = ctx.n
-    if ctx.grid is not None and math.prod(ctx.grid) == n:
-        t, h, w = ctx.grid
-    else:
-        if ctx.grid is not None:
-            logger.warning("pool_pre_llm: grid %s does not hold %d tokens; guessing the grid", ctx.grid, n)
-        t, (h, w) = 1, resolve_hw(n)
     d = x.shape[-1]
-    frames = x.reshape(t, h, w, d).permute(0, 3, 1, 2)  # [t, D, h, w]
     pool_2d = torch.nn.functional.adaptive_avg_pool2d if mode == "avg" else torch.nn.functional.adaptive_max_pool2d
+    if ctx.crops is not None and n == ctx.n_orig:
+        # LLaVA-NeXT: the base image's side x side grid and the unpadded high-resolution window, two
+        # grids, the budget split between them in proportion to their tokens (as per-tile budgets).
+        crops = ctx.crops
+        top, bottom, left, right = crops.window
+        base = crops.side**2
+        grids = [(0, crops.side, crops.side), (base, bottom - top, right - left)]
+        budgets = crop_budgets([base, n - base], keep)
+    else:
+        if ctx.grid is not None and math.prod(ctx.grid) == n:
+            t, h, w = ctx.grid
+        else:
+            if ctx.grid is not None:
+                logger.warning("pool_pre_llm: grid %s does not hold %d tokens; guessing the grid", ctx.grid, n)
+            t, (h, w) = 1, resolve_hw(n)
+        grids = [(f * h * w, h, w) for f in range(t)]
+        budgets = _frame_budgets(t, keep)
     indices: list[int] = []
     pooled: list[torch.Tensor] = []
-    for f, k in enumerate(_frame_budgets(t, keep)):
+    for (start, h, w), k in zip(grids, budgets):
         if k == 0:
             continue
+        frame = x[start : start + h * w].reshape(1, h, w, d).permute(0, 3, 1, 2)  # [1, D, h, w]
         layout = pool_layout(h, w, k)
         # One adaptive pool per row band: the band [r0, r1) pooled to (1, cells) gives the same
         # windows as pool_layout (same floor/ceil rule).
@@ -128,8 +143,8 @@ def pool(ctx: PruneContext, keep: int, *, mode: Annotated[str, OneOf(*MODES)] = 
         for r0, r1, _, _ in layout:
             bands[(r0, r1)] = bands.get((r0, r1), 0) + 1
         for (r0, r1), cells in bands.items():
-            out = pool_2d(frames[f : f + 1, :, r0:r1, :], (1, cells))  # [1, D, 1, cells]
+            out = pool_2d(frame[:, :, r0:r1, :], (1, cells))  # [1, D, 1, cells]
             pooled.append(out[0, :, 0, :].T)  # [cells, D]
         for r0, r1, c0, c1 in layout:
-            indices.append(f * h * w + ((r0 + r1 - 1) // 2) * w + (c0 + c1 - 1) // 2)
+            indices.append(start + ((r0 + r1 - 1) // 2) * w + (c0 + c1 - 1) // 2)
     return torch.tensor(indices, dtype=torch.long, device=x.device), torch.cat(pooled)

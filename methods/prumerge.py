@@ -3,8 +3,9 @@
 Registered as ``prumerge_pre_llm`` for LLaVA: the engine captures the last CLIP layer's
 ``q_proj``/``k_proj`` outputs and the feature layer's patches during the one vision pass, and the
 method projects its merged ViT-space tokens with the model's projector (the original merges before
-the projector). Qwen2.5-VL's and InternVL's encoders have no [CLS] token: the configuration refuses
-them. The functions below are the selection and merge on explicit tensors. Paper:
+the projector). Qwen2.5-VL's and InternVL's encoders have no [CLS] token, and the original has no
+LLaVA-NeXT path: the configuration refuses them (:data:`PRUMERGE_REFUSAL`). The functions below are
+the selection and merge on explicit tensors. Paper:
 https://arxiv.org/abs/2403.15388; original: 42Shawn/LLaVA-PruMerge @097c041,
 ``llava/model/multimodal_encoder/clip_encoder.py :: token_prune_merge_advanced`` (l.85). PruMerge+
 is in :mod:`methods.prumerge_plus`.
@@ -151,6 +152,14 @@ def prumerge_engine_output(ctx: PruneContext, out: PruMergeOutput) -> tuple[torc
 
 PRUMERGE_NEEDS = ("vit_features", "vit_last_queries", "vit_last_keys", "vit_projector")
 
+# Why PruMerge(+) does not run on the other families (the configuration shows it).
+PRUMERGE_REFUSAL = {
+    "llava_next": "its repository has no LLaVA-NeXT path (LLaVA-1.5 only): its adaptive count (IQR outliers of one "
+    "image's [CLS] attention), its spatial samples (stride up to the hard-coded 575) and its one summary token are "
+    "defined for one 576-patch CLIP image, and a per-crop version would be a new method",
+    "*": "it ranks patches by the ViT's [CLS] attention, and this family's vision encoder has no [CLS] token",
+}
+
 
 @register_prune(
     "prumerge_pre_llm",
@@ -158,6 +167,7 @@ PRUMERGE_NEEDS = ("vit_features", "vit_last_queries", "vit_last_keys", "vit_proj
     needs=PRUMERGE_NEEDS,
     exact_count=False,
     families=("llava",),
+    refusal=PRUMERGE_REFUSAL,
     source="42Shawn/LLaVA-PruMerge",
     paper="https://arxiv.org/abs/2403.15388",
     deviation=(

@@ -15,6 +15,7 @@ import torch
 from methods import PruneContext, register_prune
 from methods.prumerge import (
     PRUMERGE_NEEDS,
+    PRUMERGE_REFUSAL,
     PruMergeOutput,
     prumerge_cls_attention,
     prumerge_engine_output,
@@ -79,6 +80,7 @@ def prumerge_plus_select(
     needs=PRUMERGE_NEEDS,
     exact_count=False,
     families=("llava",),
+    refusal=PRUMERGE_REFUSAL,
     source="42Shawn/LLaVA-PruMerge",
     paper="https://arxiv.org/abs/2403.15388",
     deviation=(

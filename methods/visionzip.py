@@ -29,6 +29,14 @@ without a mask, so several images in one prompt attend to each other (its eager 
 mask; for one image the two agree); and each image is pruned on its own, where the original
 selects over all images' tokens at once.
 
+**LLaVA-NeXT**: the original runs its CLIP tower on every crop (the base image and the high-resolution
+crops as one batch), each giving [CLS] + dominant + contextual with the same counts; its
+``restore_image_features_sorted`` puts the base crop's tokens first, then the other crops' dominant
+tokens in the stitched raster, their [CLS] tokens, their contextual tokens (no unpad, no newline).
+Here every crop is a LLaVA-1.5 image of its own: its share of ``budget(N, r)``
+(:func:`methods.crop_budgets`, so 64 each for five full crops at 0.111), among its tokens the
+unpadding keeps, its [CLS] in the first of its left-over slots (``docs/llava_next.md``).
+
 **InternVL3** (OURS): InternViT has a [CLS] token but drops it before the pixel shuffle, so no
 [CLS] token reaches the LLM and a patch-level selection has no LLM token of its own. The Qwen
 computation transfers unchanged at the level of LLM tokens: the last InternViT layer's received
@@ -42,7 +50,7 @@ from typing import Annotated, NamedTuple
 
 import torch
 
-from methods import PruneContext, Range, register_prune
+from methods import PruneContext, Range, crop_budgets, crop_rows, register_prune
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -181,7 +189,7 @@ def visionzip_qwen_select(
 
 def _layers(family: str, args: dict) -> dict[str, tuple[int, ...]]:
     # Qwen2.5-VL / InternVL: the last ViT block's received attention and keys; LLaVA: the plain needs.
-    return {} if family == "llava" else {"vit_attention_received": (-1,), "vit_unit_keys": (-1,)}
+    return {} if family in ("llava", "llava_next") else {"vit_attention_received": (-1,), "vit_unit_keys": (-1,)}
 
 
 @register_prune(
@@ -189,12 +197,13 @@ def _layers(family: str, args: dict) -> dict[str, tuple[int, ...]]:
     stage="pre_llm",
     needs={
         "llava": ("vit_features", "vit_cls_feature", "vit_cls_attention", "vit_feature_keys", "vit_projector"),
+        "llava_next": ("vit_features", "vit_cls_feature", "vit_cls_attention", "vit_feature_keys", "vit_projector"),
         "qwen2_5_vl": ("vit_attention_received", "vit_unit_keys"),
         "internvl": ("vit_attention_received", "vit_unit_keys"),
     },
     vit_layers=_layers,
     exact_count=False,
-    families=("llava", "qwen2_5_vl", "internvl"),
+    families=("llava", "llava_next", "qwen2_5_vl", "internvl"),
     source="dvlab-research/VisionZip",
     paper="https://arxiv.org/abs/2412.04467",
     deviation=(
@@ -204,7 +213,10 @@ def _layers(family: str, args: dict) -> dict[str, tuple[int, ...]]:
         "adaptation exactly (int((r-0.05)N) + max(int(0.05N),1) tokens); attention under the per-image mask "
         "(its FA2 path lets several images attend to each other); per image (it selects over all images at "
         "once). InternVL (OURS): the Qwen computation on InternViT's last layer, per pixel-shuffle unit, tiles "
-        "of an image together."
+        "of an image together. LLaVA-NeXT: the LLaVA computation per crop ([CLS] + dominant + contextual of each "
+        "crop), budget(N, r) split over the crops in proportion to their tokens, among the tokens the unpadding keeps; "
+        "each crop's [CLS] in one of its left-over slots (original: the same counts for every crop, no unpad, "
+        "no newlines, crops' [CLS] and contextual tokens after the dominant ones)."
     ),
 )
 def visionzip(
@@ -223,15 +235,39 @@ def visionzip(
         return visionzip_qwen_select(ctx.features, received, ctx["vit_unit_keys"][-1], ctx.ratio)
     if not 0.0 <= contextual_ratio < 1.0:
         raise ValueError(f"contextual_ratio must be in [0, 1), got {contextual_ratio}")
+    cls, patches, attention, keys = ctx["vit_cls_feature"], ctx["vit_features"], ctx["vit_cls_attention"], ctx["vit_feature_keys"]
+    if ctx.crops is None:
+        return _llava(ctx.features, cls, patches, attention, keys, keep, contextual_ratio, ctx["vit_projector"])
+    # LLaVA-NeXT: every crop as one LLaVA-1.5 image (its [CLS], its patches, its share of keep);
+    # cls [crops, C], keys [crops + N, hd] (the crops' [CLS] keys first).
+    rows = crop_rows(ctx)
+    k = ctx.crops.n_crops
+    indices, features = [], []
+    for c, (r, t) in enumerate(zip(rows, crop_budgets([int(r.numel()) for r in rows], keep))):
+        if t == 0:
+            continue
+        crop_keys = torch.cat([keys[c : c + 1], keys[k + r]])
+        i, f = _llava(ctx.features[r], cls[c], patches[r], attention[:, r], crop_keys, t, contextual_ratio, ctx["vit_projector"])
+        indices.append(r[i])
+        features.append(f)
+    return torch.cat(indices), torch.cat(features)
+
+
+def _llava(
+    features: torch.Tensor, cls: torch.Tensor, patches: torch.Tensor, attention: torch.Tensor, keys: torch.Tensor,
+    keep: int, contextual_ratio: float, projector,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip on one CLIP image (LLaVA-1.5's image, or one LLaVA-NeXT crop) of ``n`` tokens:
+    ``features`` ``[n, D]`` projected, ``cls`` ``[C]``, ``patches`` ``[n, C]``, ``attention`` ``[H, n]``,
+    ``keys`` ``[1 + n, hd]``; ``(indices [<= keep], features)`` (see :func:`visionzip`)."""
     n_ctx = min(keep - 1, int(keep * contextual_ratio + 0.5))
-    hidden = torch.cat([ctx["vit_cls_feature"].unsqueeze(0), ctx["vit_features"]])  # [1 + N, C]
-    out = visionzip_select(
-        hidden, ctx["vit_cls_attention"], ctx["vit_feature_keys"], dominant=keep - n_ctx, contextual=n_ctx
-    )
+    hidden = torch.cat([cls.unsqueeze(0), patches])  # [1 + n, C]
+    out = visionzip_select(hidden, attention, keys, dominant=keep - n_ctx, contextual=n_ctx)
     n_dom = keep - n_ctx - 1  # patches; out.indices = [dominant (n_dom), contextual (n_ctx)]
-    free = torch.ones(ctx.n, dtype=torch.bool, device=out.indices.device)
+    free = torch.ones(features.shape[0], dtype=torch.bool, device=out.indices.device)
     free[out.indices] = False
-    slot = torch.nonzero(free).flatten()[:1]  # [1] the first image token left over carries [CLS]
-    projected = ctx["vit_projector"](torch.cat([out.features[n_dom:], out.cls_feature.unsqueeze(0)]))
-    features = torch.cat([ctx.features[out.indices[:n_dom]], projected.to(ctx.features.dtype)])
-    return torch.cat([out.indices, slot]), features
+    slot = torch.nonzero(free).flatten()[:1]  # [1] the first token left over carries [CLS]
+    projected = projector(torch.cat([out.features[n_dom:], out.cls_feature.unsqueeze(0)]))
+    merged = torch.cat([features[out.indices[:n_dom]], projected.to(features.dtype)])
+    # No token left over (the crop keeps all its tokens): [CLS] has no slot and is dropped.
+    return torch.cat([out.indices, slot]), merged[: out.indices.shape[0] + slot.shape[0]]

@@ -2,7 +2,9 @@
 
 Registered as ``vispruner_pre_llm`` for LLaVA (the engine captures the ViT's [CLS] attention and
 features during the one vision pass); Qwen2.5-VL's and InternVL's encoders have no [CLS] token, so
-the configuration refuses them. :func:`vispruner_select` is the selection on explicit tensors. Paper:
+the configuration refuses them. On LLaVA-NeXT each crop selects its own share (the original's v1_6
+path runs ``encode_images`` on every crop with T each; ``docs/llava_next.md``).
+:func:`vispruner_select` is the selection on explicit tensors. Paper:
 https://arxiv.org/abs/2412.01818; original: Theia-4869/VisPruner @aefa01a,
 ``llava/model/llava_arch.py :: encode_images`` (l.141) and ``clip_encoder.py :: feature_select``.
 """
@@ -13,7 +15,7 @@ from typing import Annotated
 
 import torch
 
-from methods import PruneContext, Range, register_prune
+from methods import PruneContext, Range, register_prune, select_per_crop
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -79,15 +81,25 @@ def vispruner_select(
     "vispruner_pre_llm",
     stage="pre_llm",
     needs=("vit_features", "vit_cls_attention"),
-    families=("llava",),
+    families=("llava", "llava_next"),
     source="Theia-4869/VisPruner",
     paper="https://arxiv.org/abs/2412.01818",
-    deviation="Not in UniPruneBench's code release; odd residuals handled (the original's expand fails).",
+    deviation="Not in UniPruneBench's code release; odd residuals handled (the original's expand fails). "
+    "LLaVA-NeXT: T per crop, budget(N, r) split over the crops in proportion to their tokens, among the tokens "
+    "the unpadding keeps (original: T of 576 per crop, no unpad, no newlines). docs/llava_next.md",
+    refusal="it ranks patches by the ViT's [CLS] attention, and this family's vision encoder has no [CLS] token",
 )
 def vispruner(ctx: PruneContext, keep: int, *, important_ratio: Annotated[float, Range(gt=0, le=1)] = 0.5) -> torch.Tensor:
     """Keep important tokens by ViT [CLS] attention, then diverse ones by similarity pruning.
 
     ``keep`` is the original's ``visual_token_num``; the selection (a mask in the original) is
-    applied to the projected tokens, as in the original's ``encode_images``.
+    applied to the projected tokens, as in the original's ``encode_images``. LLaVA-NeXT
+    (``ctx.crops``): each crop selects its share of ``keep`` (:func:`methods.select_per_crop`) among
+    its own tokens, as the original runs ``encode_images`` on every crop.
     """
-    return vispruner_select(ctx["vit_features"], ctx["vit_cls_attention"], keep, important_ratio=important_ratio)
+    features, attention = ctx["vit_features"], ctx["vit_cls_attention"]
+    if ctx.crops is None:
+        return vispruner_select(features, attention, keep, important_ratio=important_ratio)
+    return select_per_crop(
+        ctx, keep, lambda c, rows, t: vispruner_select(features[rows], attention[:, rows], t, important_ratio=important_ratio)
+    )

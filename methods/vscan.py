@@ -40,6 +40,13 @@ the average fraction of visual tokens over the decoder's layers, the budget the 
 (16 of LLaVA-1.5-7B's 32, 14 of Qwen2.5-VL-7B's 28; ``llm_layer``), LLaVA keeping ``budget(N, r / 2)``
 (32 / 64 / 96), Qwen ``int(llm_ratio * current)`` (``llm_ratio`` 0.333).
 
+**LLaVA-NeXT**: the original's NeXT path (``prepare_inputs_labels_for_multimodal_x`` with its
+``spatial_unpad`` line uncommented) runs stage 1 on every crop (T each; the newline column of its mask
+set to True) and the ``llava1_6`` scripts keep 96 per crop, then 32 tokens in all at layer 16. Here
+stage 1 runs per crop with the crop's share of ``round(1.5 r, 3)`` of the image
+(:func:`methods.crop_budgets`), among the tokens the unpadding keeps, and stage 2 keeps
+``budget(N, r / 2)`` of the image (the ratio, not the scripts' absolute 32; ``docs/llava_next.md``).
+
 **InternVL3** (OURS): stage 1 as Qwen's (received attention per tile, averaged over each
 pixel-shuffle unit; InternViT layers 5 and the last, as CLIP-L's 24-layer depth; 4x4 windows on each
 tile's token grid, all the image's windows in one greedy scan; ``T = int(ratio * N)``); stage 2
@@ -56,11 +63,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from methods import MIDDLE_LAYER, PruneContext, register_prune
+from methods import MIDDLE_LAYER, PruneContext, crop_budgets, crop_rows, register_prune
 
-LOCAL_LAYER = {"llava": 5, "qwen2_5_vl": 7, "internvl": 5}  # attentions[5]; Qwen fullatt_block_indexes[0]
-GLOBAL_LAYER = {"llava": -2, "qwen2_5_vl": -1, "internvl": -1}  # attentions[-2]; Qwen's last block
-WINDOW = {"llava": 6, "qwen2_5_vl": 4, "internvl": 4}  # window_cls_selection / window_selection
+LOCAL_LAYER = {"llava": 5, "llava_next": 5, "qwen2_5_vl": 7, "internvl": 5}  # attentions[5]; Qwen fullatt_block_indexes[0]
+GLOBAL_LAYER = {"llava": -2, "llava_next": -2, "qwen2_5_vl": -1, "internvl": -1}  # attentions[-2]; Qwen's last block
+WINDOW = {"llava": 6, "llava_next": 6, "qwen2_5_vl": 4, "internvl": 4}  # window_cls_selection / window_selection
+CLIP_FAMILIES = ("llava", "llava_next")  # [CLS] rows of a CLIP tower, LLaVA's computation
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -161,6 +169,8 @@ def vscan_vit_stage(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 1 on one image: ``(kept indices [k], merged features [k, D])``. ``local`` / ``global_``
     ``[N]`` are the two scans' scores."""
+    if ctx.crops is not None:
+        return _vit_stage_per_crop(ctx, keep, local, global_, window)
     if ctx.family == "llava":
         t = keep  # visual_token_num: budget(N, ratio)
         grid = ctx.grid[1:] if ctx.grid is not None else (math.isqrt(ctx.n),) * 2
@@ -180,6 +190,42 @@ def vscan_vit_stage(
     return kept, vscan_merge(ctx.features, kept)
 
 
+def _vit_stage_per_crop(
+    ctx: PruneContext, keep: int, local: torch.Tensor, global_: torch.Tensor, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1 on a LLaVA-NeXT image: every crop as the original's LLaVA path treats it (its
+    ``encode_images`` runs on each crop: T each, windows on the crop's 24 x 24 grid, the merge within
+    the crop), T = the crop's share of ``keep``. Patches the unpadding removed are scored ``-inf`` on
+    the crop's grid: a window's pick that falls on one is dropped (the crop keeps fewer local tokens),
+    and the global scan never takes one. Returns rows of ``ctx.features`` and their merged features."""
+    crops = ctx.crops
+    grid = crops.side**2
+    patch_of = crops.patch.to(local.device)[ctx.token_index]  # [N] each token's patch in its crop
+    rows = crop_rows(ctx)
+    indices, features = [], []
+    for r, t in zip(rows, crop_budgets([int(r.numel()) for r in rows], keep)):
+        if t == 0:
+            continue
+        patches = patch_of[r]
+        full = torch.full((2, grid), -torch.inf, dtype=local.dtype, device=local.device)
+        full[:, patches] = torch.stack([local[r], global_[r]])
+        valid = torch.zeros(grid, dtype=torch.bool, device=local.device)
+        valid[patches] = True
+        local_idx = vscan_window_topk(full[0], (crops.side, crops.side), int(t * 0.5), window)
+        local_idx = local_idx[valid[local_idx]]  # one host sync a crop
+        scores = full[1].clone()
+        scores[local_idx] = 0  # "avoid repetition", as on LLaVA-1.5
+        kept = torch.zeros(grid, dtype=torch.bool, device=local.device)
+        kept[local_idx] = True
+        kept[scores.topk(t - int(t * 0.5)).indices] = True  # never -inf: t <= the crop's tokens
+        position = torch.full((grid,), -1, dtype=torch.long, device=local.device)
+        position[patches] = torch.arange(r.numel(), device=local.device)
+        mine = position[torch.nonzero(kept & valid).flatten()]  # positions in r
+        indices.append(r[mine])
+        features.append(vscan_merge(ctx.features[r], mine))
+    return torch.cat(indices), torch.cat(features)
+
+
 def vscan_schedule(keep_ratio: float, args: dict) -> tuple[tuple[tuple[int | None, float], ...], dict]:
     """The events of ``PRUNE_METHOD=vscan``: ``((None, ViT ratio), (LLM layer, r / 2))`` (module
     docstring). ``vit_ratio`` / ``llm_layer`` in PRUNE_ARGS override the derived values."""
@@ -195,7 +241,7 @@ def vscan_schedule(keep_ratio: float, args: dict) -> tuple[tuple[tuple[int | Non
 def _layers(family: str, args: dict) -> dict[str, tuple[int, ...]]:
     local = LOCAL_LAYER[family] if args["local_layer"] is None else int(args["local_layer"])
     global_ = GLOBAL_LAYER[family] if args["global_layer"] is None else int(args["global_layer"])
-    return {("vit_cls_rows" if family == "llava" else "vit_attention_received"): (local, global_)}
+    return {("vit_cls_rows" if family in CLIP_FAMILIES else "vit_attention_received"): (local, global_)}
 
 
 @register_prune(
@@ -203,20 +249,23 @@ def _layers(family: str, args: dict) -> dict[str, tuple[int, ...]]:
     stage="intra_llm",
     needs={
         "llava": ("vit_cls_rows", "last_query_attention_self"),
+        "llava_next": ("vit_cls_rows", "last_query_attention_self"),
         "qwen2_5_vl": ("vit_attention_received", "last_query_attention_self_norope"),
         "internvl": ("vit_attention_received", "last_query_attention_self"),
     },
     vit_layers=_layers,
     exact_count=False,
     uses_ratio=True,
-    families=("llava", "qwen2_5_vl", "internvl"),
+    families=("llava", "llava_next", "qwen2_5_vl", "internvl"),
     source="Tencent/SelfEvolvingAgent",
     paper="https://arxiv.org/abs/2505.22654",
     deviation=(
         "Not in UniPruneBench. KEEP_RATIO = the average over layers: ViT stage round(1.5r, 3) (0.111 -> 96 of 576 / "
         "Qwen 0.167), LLM stage at the middle layer (16 / 14) keeping budget(N, r/2) (LLaVA 32) or int(0.333 "
         "current) (Qwen); Qwen attention under the per-image mask, per image; positions kept (LLaVA original "
-        "renumbers). InternVL (OURS): Qwen's stage 1 per pixel-shuffle unit and tile, stage 2 with RoPE."
+        "renumbers). InternVL (OURS): Qwen's stage 1 per pixel-shuffle unit and tile, stage 2 with RoPE. LLaVA-NeXT: "
+        "stage 1 per crop (budget split in proportion to the crops' tokens, among the tokens the unpadding keeps), "
+        "stage 2 budget(N, r/2) of the image (the llava1_6 scripts: 96 per crop, then 32 in all)."
     ),
     default_layer=MIDDLE_LAYER,
     schedule=vscan_schedule,
@@ -247,7 +296,7 @@ def vscan(
         layers = _layers(ctx.family, {"local_layer": local_layer, "global_layer": global_layer})
         need, (lo, gl) = next(iter(layers.items()))
         rows = ctx[need]
-        reduce = (lambda a: _up(a).mean(dim=0)) if ctx.family == "llava" else (lambda a: _up(a).sum(dim=0))
+        reduce = (lambda a: _up(a).mean(dim=0)) if ctx.family in CLIP_FAMILIES else (lambda a: _up(a).sum(dim=0))
         return vscan_vit_stage(ctx, keep, reduce(rows[lo]), reduce(rows[gl]), window or WINDOW[ctx.family])
     if ctx.family == "qwen2_5_vl":
         attn, k = ctx["last_query_attention_self_norope"], int(llm_ratio * ctx.n)

@@ -69,6 +69,7 @@ RUNNERS = {
     "run_qwenvl2_5.py": ("custom_qwenvl", "qwen2_5_vl", ("qwen2_5_vl",)),
     "run_internvl3.py": ("custom_internvl", "internvl", ("internvl",)),
     "run_llava.py": ("custom_llava", "llava", ("llava",)),
+    "run_llava_next.py": ("custom_llava_next", "llava_next", ("llava_next",)),
 }
 
 
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("name", help="model name of the configuration in the environment")
-    p.add_argument("--runner", required=True, help="run_qwenvl2_5.py, run_internvl3.py or run_llava.py")
+    p.add_argument("--runner", required=True, help="run_qwenvl2_5.py, run_internvl3.py, run_llava.py or run_llava_next.py")
     p.add_argument("--model", required=True)
     p.add_argument("--model-path")
     p = sub.add_parser("plan", help="cells on stdin -> plan on stdout")

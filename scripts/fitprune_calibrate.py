@@ -46,7 +46,8 @@ import torch  # noqa: E402
 
 import prune_engine  # noqa: E402
 
-FAMILY_MODULES = {"qwen2_5_vl": "custom_qwenvl", "internvl": "custom_internvl", "llava": "custom_llava"}
+FAMILY_MODULES = {"qwen2_5_vl": "custom_qwenvl", "internvl": "custom_internvl", "llava": "custom_llava",
+                  "llava_next": "custom_llava_next"}
 logger = logging.getLogger("fitprune_calibrate")
 
 

@@ -263,7 +263,8 @@ def _save(fig: plt.Figure | None, path: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- retained-token overlay
-FAMILY_MODULES = {"qwen2_5_vl": "custom_qwenvl", "internvl": "custom_internvl", "llava": "custom_llava"}
+FAMILY_MODULES = {"qwen2_5_vl": "custom_qwenvl", "internvl": "custom_internvl", "llava": "custom_llava",
+                  "llava_next": "custom_llava_next"}
 
 
 def _decode_image(value: str, rows: Any) -> "Any":
@@ -305,10 +306,12 @@ def image_token_grid(checkpoint: str, image: Any, question: str) -> dict[str, An
     )
     inputs = processor(text=[prompt], images=[image], return_tensors="pt")
     stub = SimpleNamespace(config=config)
-    ((n_tokens, grid),) = module.FAMILY.image_layout(stub, dict(inputs))[:1] or [(None, None)]
+    (entry,) = module.FAMILY.image_layout(stub, dict(inputs))[:1] or [(None, None)]
+    n_tokens, grid = (entry.n, entry.grid) if hasattr(entry, "span") else entry  # an ImageLayout, or (n, grid)
     ids = inputs["input_ids"][0]
     where = torch.nonzero(ids == int(config.image_token_id)).flatten()
     if grid is None or where.numel() == 0:
+        # LLaVA-NeXT: a base image and stitched crops, no single grid (docs/llava_next.md)
         raise SystemExit(f"no token grid for this {config.model_type} prompt (image tokens {where.numel()})")
     pv = inputs.get("pixel_values")
     ip = processor.image_processor

@@ -8,7 +8,10 @@ geometry is the real one where it decides the count: Qwen2.5-VL's 14-px patches 
 count is the real model's), InternVL3's 448-px tiles (the real model has 256 tokens a tile),
 LLaVA-1.5's padded square (576 tokens at 336 px, whatever the image). Only the image size and the
 dataset matter: Qwen2.5-VL's OCRBench uses ``min_pixels=10*10*28*28`` instead of ``1280*28*28``;
-InternVL3 allows 24 tiles for OCRBench and 6 for the other nine datasets.
+InternVL3 allows 24 tiles for OCRBench and 6 for the other nine datasets. LLaVA-NeXT's ``LLaVA_Next``
+has no dataset setting: its counts come from the family's layout (``custom_llava_next.tokens_of``,
+checked against the processor and the model's own packing in ``tests/test_engine_llava_next.py``) on
+the real configuration (336-px crops, pinpoints up to 672 x 672), as visual tokens + newline tokens.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ def counts(sizes=SIZES) -> list[dict]:
     from PIL import Image
 
     import custom_internvl
-    import custom_llava
+    import custom_llava_next
     import custom_qwenvl
+    from transformers import LlavaNextConfig
     import vlm_adapter
     from synthetic import tiny_checkpoints
     from utils import PruneConfig
@@ -58,7 +62,8 @@ def counts(sizes=SIZES) -> list[dict]:
         for w, h in sizes:
             path = tmp / f"{w}x{h}.png"
             Image.new("RGB", (w, h), (120, 140, 160)).save(path)
-            row = {"image": f"{w}x{h}", "llava": LLAVA_TOKENS}
+            n, span = custom_llava_next.tokens_of((h, w), LlavaNextConfig())
+            row = {"image": f"{w}x{h}", "llava": LLAVA_TOKENS, "llava_next": (n, span - n)}
             for data in ("MME", "OCRBench"):
                 message = [{"type": "image", "value": str(path)}, {"type": "text", "value": "What is it?"}]
                 model, seen = models["qwen"]
@@ -75,10 +80,11 @@ def counts(sizes=SIZES) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = ["| image (w x h) | Qwen2.5-VL: 9 datasets | Qwen2.5-VL: OCRBench | InternVL3: 9 datasets | "
-             "InternVL3: OCRBench | LLaVA-1.5: all 10 |", "|---|---|---|---|---|---|"]
+             "InternVL3: OCRBench | LLaVA-1.5: all 10 | LLaVA-NeXT: all 10 (+ newlines) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         iv = [f"{r[f'internvl {d}'][1]} ({r[f'internvl {d}'][0]} tiles)" for d in ("MME", "OCRBench")]
-        lines.append(f"| {r['image']} | {r['qwen MME']} | {r['qwen OCRBench']} | {iv[0]} | {iv[1]} | {r['llava']} |")
+        nx = r["llava_next"]
+        lines.append(f"| {r['image']} | {r['qwen MME']} | {r['qwen OCRBench']} | {iv[0]} | {iv[1]} | {r['llava']} | {nx[0]} (+{nx[1]}) |")
     return "\n".join(lines)
 
 

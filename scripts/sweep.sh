@@ -16,7 +16,7 @@
 # Flags (each overrides the config file's variable of the same meaning):
 #   --config FILE      a bash file setting MODELS, METHODS, RATIOS, DATASETS, SEEDS (arrays), WORK_DIR,
 #                      RUNNER_ARGS (array), JOBS, NPROC, ONE_LOAD (0/1); see scripts/sweep_example.conf
-#   --model "FAMILY MODEL [MODEL_PATH]"   repeatable. FAMILY: qwen | internvl | llava (or the runner's
+#   --model "FAMILY MODEL [MODEL_PATH]"   repeatable. FAMILY: qwen | internvl | llava | llava_next (or the runner's
 #                      file name); MODEL: a name the runner knows or a checkpoint folder; MODEL_PATH:
 #                      a local checkpoint for that name (passed as --model-path)
 #   --methods "..."    method tokens: vanilla | pre:METHOD | intra:METHOD (layer 2, the paper's K) |
@@ -156,7 +156,8 @@ runner_of() {
         qwen|qwen2_5_vl|qwenvl|run_qwenvl2_5.py) echo run_qwenvl2_5.py ;;
         internvl|internvl3|run_internvl3.py) echo run_internvl3.py ;;
         llava|llava_v1.5|run_llava.py) echo run_llava.py ;;
-        *) die "unknown family '$1' (qwen, internvl or llava)" ;;
+        llava_next|llava-next|llava_v1.6|run_llava_next.py) echo run_llava_next.py ;;
+        *) die "unknown family '$1' (qwen, internvl, llava or llava_next)" ;;
     esac
 }
 

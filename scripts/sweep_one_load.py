@@ -40,7 +40,6 @@ ensure_torchvision()
 
 from scripts import _common  # noqa: E402
 
-RUNNER_FAMILY = {"run_qwenvl2_5.py": "custom_qwenvl", "run_internvl3.py": "custom_internvl", "run_llava.py": "custom_llava"}
 TIMING_ENV = {"METHOD_TIME": "1", "PREFILL_TIME": "1"}
 
 logger = logging.getLogger("sweep")
@@ -102,7 +101,9 @@ class Group:
         import vlm_adapter
 
         self.runner, self.model, self.path, self.timing = runner, model, path, timing
-        self.family = importlib.import_module(RUNNER_FAMILY[runner])
+        from scripts.cell_name import RUNNERS
+
+        self.family = importlib.import_module(RUNNERS[runner][0])
         self.display, self.checkpoint = vlm_adapter.resolve_checkpoint(self.family, model, None if path == "-" else path)
         args = list(runner_args)
         self.options = vlm_adapter.RunOptions.pop_from(args)

@@ -1,5 +1,6 @@
-"""The tiny sweep: every family's tiny checkpoint x the tiny datasets of all ten formats, end to end
-through ``scripts/sweep.sh``, ``scripts/aggregate.py`` and ``scripts/plots.py`` (CPU, minutes).
+"""The tiny sweep: every family's tiny checkpoint (Qwen2.5-VL, InternVL3, LLaVA-1.5, LLaVA-NeXT) x the
+tiny datasets of all ten formats, end to end through ``scripts/sweep.sh``, ``scripts/aggregate.py``
+and ``scripts/plots.py`` (CPU, minutes).
 
     python -m scripts.tiny_sweep outputs/tiny_sweep                       # vanilla + FastV at 0.5
     python -m scripts.tiny_sweep outputs/tiny_sweep --ratios "0.5 0.25" \\
@@ -41,7 +42,8 @@ from synthetic import tiny_data  # noqa: E402
 
 logger = logging.getLogger("tiny_sweep")
 
-FAMILIES = {"qwen": "save_tiny_qwen", "internvl": "save_tiny_internvl", "llava": "save_tiny_llava"}
+FAMILIES = {"qwen": "save_tiny_qwen", "internvl": "save_tiny_internvl", "llava": "save_tiny_llava",
+            "llava_next": "save_tiny_llava_next"}
 JUDGED = [f"{name}{tiny_data.TINY_SUFFIX}" for name in tiny_data.JUDGE_REQUIRED]
 EXACT = [name for name in tiny_data.TINY_DATASETS if name not in JUDGED]
 JUDGE = "gpt-4o-mini"

@@ -268,3 +268,67 @@ def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
     processor.save_pretrained(path)
     logger.info("saved a tiny LLaVA-1.5 checkpoint to %s", path)
     return path
+
+
+# ----------------------------------------------------------------------------- LLaVA-NeXT (LLaVA-1.6)
+# The chat template of llava-hf/llava-v1.6-vicuna-7b-hf (its chat_template.json; the same text as
+# llava-hf/llava-1.5-7b-hf's): "USER: " with every image of the turn first ("<image>\n" each), then its
+# texts (each followed by a space), "ASSISTANT:" as the generation prompt; no system prompt.
+# VLMEvalKit's LLaVA_Next.generate_inner builds its prompt with it (its apply_prompt_template, with
+# the Vicuna system prompt, is never called).
+LLAVA_NEXT_VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def save_tiny_llava_next(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny LLaVA-NeXT (Vicuna) checkpoint: 56-px crops (4 x 4 patches, 16 tokens each), anyres
+    over 1 x 2, 2 x 1 and 2 x 2 crops (``tiny_models.LLAVA_NEXT_PINPOINTS``); a 112-px square image is
+    the base image + 2 x 2 crops: 16 + 64 visual tokens and 8 newline tokens.
+
+    Tokenizer as the tiny LLaVA-1.5's (``<s>`` in front of every text, as LLaMA's); the processor as
+    ``llava-hf/llava-v1.6-vicuna-7b-hf``'s (``LlavaNextImageProcessor``: shortest edge to the crop
+    size, centre crop of the base image, pad to the best pinpoint; ``patch_size``, the default feature
+    strategy, one additional [CLS] token; its chat template :data:`LLAVA_NEXT_VICUNA_CHAT_TEMPLATE`),
+    at the tiny sizes."""
+    from tokenizers import processors
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor, PreTrainedTokenizerFast
+
+    path = Path(path)
+    backend = build_tokenizer(LLAVA_SPECIALS).backend_tokenizer
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
+    cfg = tiny_models.tiny_llava_next_config()
+    cfg.image_token_id = ids["<image>"]
+    model = _random_model(
+        LlavaNextForConditionalGeneration, cfg, tok, seed, stop=ids["</s>"], pad=ids["</s>"],
+        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["</s>"],
+    )
+    px = tiny_models.LLAVA_NEXT_CROP_PX
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor(
+            size={"shortest_edge": px}, crop_size={"height": px, "width": px},
+            image_grid_pinpoints=tiny_models.LLAVA_NEXT_PINPOINTS,
+        ),
+        tokenizer=tok,
+        patch_size=tiny_models.LLAVA_PATCH,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_NEXT_VICUNA_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    logger.info("saved a tiny LLaVA-NeXT checkpoint to %s", path)
+    return path

@@ -225,3 +225,94 @@ def llava_inputs(
         "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
         "pixel_values": torch.randn(images, 3, LLAVA_IMAGE_PX, LLAVA_IMAGE_PX, generator=g),
     }
+
+
+# ----------------------------------------------------------------------------- LLaVA-NeXT (LLaVA-1.6)
+LLAVA_NEXT_CROP_PX = 56  # the vision tower's input (the real model: 336)
+LLAVA_NEXT_SIDE = LLAVA_NEXT_CROP_PX // LLAVA_PATCH  # 4 tokens a crop side (the real model: 24)
+# The real model's pinpoints are 336 x {1, 2, 3} combinations (up to 672 x 672 = 2 x 2 crops); the tiny
+# one: 1 x 2, 2 x 1 and 2 x 2 crops of 56 px.
+LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+
+
+def tiny_llava_next_config(layers: int = 4, kv_heads: int = 2, attn: str = "sdpa", decoder: str = "llama",
+                           sliding_window: int | None = None):
+    """A ``LlavaNextConfig`` with a LLaMA (Vicuna) or Mistral decoder (hidden 64, GQA) and a 2-layer
+    CLIP ViT on 56-px crops (4 x 4 patches + CLS; penultimate layer, CLS dropped: 16 tokens a crop),
+    anyres over :data:`LLAVA_NEXT_PINPOINTS`. ``sliding_window``: the Mistral decoder's (None, as
+    llava-hf's Mistral checkpoint)."""
+    from transformers import LlavaNextConfig
+
+    text = _tiny_text(layers, kv_heads, model_type=decoder, pad_token_id=0)
+    if decoder == "mistral":
+        text["sliding_window"] = sliding_window
+    cfg = LlavaNextConfig(
+        text_config=text,
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=LLAVA_NEXT_CROP_PX,
+            patch_size=LLAVA_PATCH,
+            projection_dim=32,
+        ),
+        image_token_index=IMAGE_ID,
+        image_seq_length=LLAVA_NEXT_SIDE**2,
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    return _with_attn(cfg, attn)
+
+
+def tiny_llava_next(seed: int = 0, **kw):
+    from transformers import LlavaNextForConditionalGeneration
+
+    return _build(LlavaNextForConditionalGeneration, tiny_llava_next_config(**kw), seed)
+
+
+def llava_next_placeholders(size: tuple[int, int]) -> int:
+    """``<image>`` placeholders the LLaVA-NeXT processor writes for an image of ``size`` (height,
+    width) on the tiny model: ``LlavaNextProcessor``'s own count (transformers 5.23.0,
+    ``_get_number_of_features`` with ``patch_size`` 14 and one [CLS], minus the [CLS] of the default
+    strategy), run on a stand-in holding the tiny pinpoints."""
+    import types
+
+    from transformers import LlavaNextProcessor
+
+    stand_in = types.SimpleNamespace(
+        image_processor=types.SimpleNamespace(image_grid_pinpoints=LLAVA_NEXT_PINPOINTS),
+        patch_size=LLAVA_PATCH,
+        num_additional_image_tokens=1,
+    )
+    stand_in._get_unpadded_features = lambda *a: LlavaNextProcessor._get_unpadded_features(stand_in, *a)
+    h, w = size
+    return LlavaNextProcessor._get_number_of_features(stand_in, h, w, LLAVA_NEXT_CROP_PX, LLAVA_NEXT_CROP_PX) - 1
+
+
+def llava_next_inputs(sizes=((30, 100),), text=(5, 7), seed: int = 0, between: int = 3) -> dict[str, torch.Tensor]:
+    """A prompt ``text[0] tokens, <image> x placeholders, text[1] tokens`` with random pixels, as
+    ``LlavaNextProcessor`` builds it: ``sizes`` are the images' (height, width) in pixels (the
+    ``image_sizes``), each expanded to :func:`llava_next_placeholders` tokens; ``pixel_values``
+    ``[images, 1 + max crops, 3, 56, 56]`` (the base image, then the crops, zero-padded to the most
+    crops as the processor pads); several images are separated by ``between`` text tokens."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    ids: list[int] = torch.randint(10, 400, (text[0],), generator=g).tolist()
+    items = [image_size_to_num_patches(list(s), LLAVA_NEXT_PINPOINTS, LLAVA_NEXT_CROP_PX) for s in sizes]
+    pixels = torch.zeros(len(sizes), max(items), 3, LLAVA_NEXT_CROP_PX, LLAVA_NEXT_CROP_PX)
+    for n, (size, k) in enumerate(zip(sizes, items)):
+        if n:
+            ids += torch.randint(10, 400, (between,), generator=g).tolist()
+        ids += [IMAGE_ID] * llava_next_placeholders(size)
+        pixels[n, :k] = torch.randn(k, 3, LLAVA_NEXT_CROP_PX, LLAVA_NEXT_CROP_PX, generator=g)
+    ids += torch.randint(10, 400, (text[1],), generator=g).tolist()
+    return {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "pixel_values": pixels,
+        "image_sizes": torch.tensor(sizes),
+    }

@@ -10,6 +10,9 @@ Prompt variants (``spec.inputs(variant, seed)``):
   * ``"2img"``: two images separated by text;
   * ``"trace"``: two images of different sizes where the family allows it, whose per-image token
     counts and budgets are spelled out in ``spec.trace_images``.
+
+Visual tokens are what ``spec.ref.visual_mask`` marks: every image placeholder, except LLaVA-NeXT's
+row-end newline tokens (never pruned, never counted).
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from torch import nn
 
 import custom_internvl
 import custom_llava
+import custom_llava_next
 import custom_qwenvl
 from synthetic import tiny_models as tm
-from reference import InternVLRef, LlavaRef, QwenRef, reference_logits
+from reference import InternVLRef, LlavaNextRef, LlavaRef, QwenRef, reference_logits
 from utils import PruneConfig
 
 ATOL = 1e-4  # fp32 logits of the engine vs the reference
@@ -123,6 +127,23 @@ FAMILIES: dict[str, FamilySpec] = {
             library_position_ids=_plain_position_ids,
             trace_images=((16, 8, 4), (16, 8, 4)),
             trace_grids=((1, 4, 4), (1, 4, 4)),  # (1, H/patch, W/patch)
+        ),
+        FamilySpec(
+            name="llava_next",
+            module=custom_llava_next,
+            build=tm.tiny_llava_next,
+            variants={
+                # 30 x 100 px: 1 x 2 crops of 4 x 4, stitched 4 x 8, unpadded to rows 1-2: 16 + 16
+                # visual tokens and 2 newline tokens (never pruned)
+                "1img": dict(sizes=((30, 100),)),
+                "2img": dict(sizes=((30, 100), (60, 50))),  # 32 + 32 (60 x 50: 2 x 1 crops, 4 x 4 unpadded; 4 newlines)
+                "trace": dict(sizes=((480, 640), (30, 100))),  # 64 (2 x 2 crops, 6 x 8 unpadded) + 32
+            },
+            make_inputs=tm.llava_next_inputs,
+            ref=LlavaNextRef,
+            library_position_ids=_plain_position_ids,
+            trace_images=((64, 32, 16), (32, 16, 8)),  # ONE budget per image over base + crops, newlines not counted
+            trace_grids=(None, None),  # no single grid: ctx.crops
         ),
     )
 }

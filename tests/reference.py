@@ -26,7 +26,7 @@ def reference_logits(family, model, inputs: dict, ids: torch.Tensor, drops: dict
     text = model.model.language_model
     hidden = family.embed(model, inputs, ids)  # [1, L, D]
     pos = family.positions(model, inputs, ids)  # rotary position ids, seq on the last dim
-    visual = family.visual_mask(model, ids)  # [L] bool
+    visual = family.visual_mask(model, ids, inputs)  # [L] bool
     alive = torch.arange(ids.shape[1])
     for i, layer in enumerate(text.layers):
         if i in drops:
@@ -71,7 +71,7 @@ class QwenRef:
         return pos  # [3, 1, L]
 
     @staticmethod
-    def visual_mask(model, ids):
+    def visual_mask(model, ids, inputs=None):
         return ids[0] == model.config.image_token_id
 
 
@@ -85,7 +85,7 @@ class _PlainRef:
         return torch.arange(ids.shape[1]).unsqueeze(0)
 
     @staticmethod
-    def visual_mask(model, ids):
+    def visual_mask(model, ids, inputs=None):
         return ids[0] == model.config.image_token_id
 
 
@@ -115,3 +115,38 @@ class LlavaRef(_PlainRef):
         feats = torch.cat(list(feats), dim=0)
         mask = (ids == model.config.image_token_id).unsqueeze(-1)
         return emb.masked_scatter(mask, feats)
+
+
+class LlavaNextRef(_PlainRef):
+    @staticmethod
+    def features(model, inputs):
+        """``[placeholders, D]``: ``LlavaNextModel.get_image_features``'s packed features of every image
+        (base, unpadded crops, newline rows), concatenated in prompt order."""
+        out = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        return torch.cat(list(out.pooler_output), dim=0)
+
+    @staticmethod
+    def embed(model, inputs, ids):
+        """``[1, L, D]``: from ``LlavaNextModel.forward`` (transformers 5.23.0): token embeddings, the
+        packed features scattered into the prompt's ``<image>`` tokens; changed: no placeholder-count
+        check, ``ids`` may run past the prompt (decoded tokens, embedded as tokens whatever they are)."""
+        emb = model.model.get_input_embeddings()(ids)
+        mask = LlavaNextRef.placeholders(model, inputs, ids).unsqueeze(-1)
+        return emb.masked_scatter(mask, LlavaNextRef.features(model, inputs))
+
+    @staticmethod
+    def placeholders(model, inputs, ids):
+        """``[1, L]`` bool: the prompt's ``<image>`` tokens (a decoded token is never one)."""
+        image = ids == model.config.image_token_id
+        image[:, inputs["input_ids"].shape[1] :] = False
+        return image
+
+    @staticmethod
+    def visual_mask(model, ids, inputs=None):
+        """The ``<image>`` tokens whose feature is not the model's ``image_newline`` vector (the row-end
+        tokens, which are never pruned), found on the model's own packed features."""
+        image = LlavaNextRef.placeholders(model, inputs, ids)[0]
+        newline = (LlavaNextRef.features(model, inputs) == model.model.image_newline).all(dim=-1)
+        visual = image.clone()
+        visual[torch.nonzero(image).flatten()] = ~newline
+        return visual

@@ -36,7 +36,7 @@ def patched(fam, model):
 
 
 def image_positions(fam: FamilySpec, model, inputs) -> list[int]:
-    return torch.nonzero(fam.ref.visual_mask(model, inputs["input_ids"])).flatten().tolist()
+    return torch.nonzero(fam.ref.visual_mask(model, inputs["input_ids"], inputs)).flatten().tolist()
 
 
 @torch.no_grad()
@@ -121,7 +121,7 @@ def test_pre_llm_equals_library_forward_on_the_pruned_sequence(fam, model, patch
     fam.module.unpatch(model)
     try:
         ids = inputs["input_ids"]
-        visual = fam.ref.visual_mask(model, ids)
+        visual = fam.ref.visual_mask(model, ids, inputs)
         sel = torch.tensor([i for i in range(ids.shape[1]) if not visual[i] or i in kept])
         embeds = fam.ref.embed(model, inputs, ids)[:, sel]
         position_ids = fam.library_position_ids(fam.ref.positions(model, inputs, ids), sel)

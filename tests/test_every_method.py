@@ -1,4 +1,5 @@
-"""Every registered method runs on every family (the registry x the families)."""
+"""Every registered method runs on every family (the registry x the four families): it either runs (the
+trace holds a valid cut) or the configuration refuses it with the method's reason for that family."""
 
 from __future__ import annotations
 
@@ -28,16 +29,16 @@ def models():
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory, models):
-    """A tiny CLIP whose vision tower is the tiny LLaVA's (CDPruner checks that)."""
+def clip_dirs(tmp_path_factory, models):
+    """Per CLIP family, a tiny CLIP whose vision tower is that tiny model's (CDPruner checks that)."""
     from tiny_clip import save_tiny_clip
 
-    return save_tiny_clip(tmp_path_factory.mktemp("clip"), models["llava"])
+    return {f: save_tiny_clip(tmp_path_factory.mktemp(f"clip_{f}"), models[f]) for f in ("llava", "llava_next")}
 
 
 @pytest.mark.parametrize("method, family", PAIRS, ids=[f"{m}-{f}" for m, f in PAIRS])
 @torch.no_grad()
-def test_method_runs_on_family(models, clip_dir, method, family):
+def test_method_runs_on_family(models, clip_dirs, method, family):
     spec, model = FAMILIES[family], models[family]
     m = methods.get_method(method)
     ratio = 0.5
@@ -50,10 +51,13 @@ def test_method_runs_on_family(models, clip_dir, method, family):
     else:
         env = dict(INTRA_LLM_LAYER_SPECS=f"2:{method}" + (f":{ratio}" if m.uses_ratio else ""))
     if method in EXTRA_ARGS:
-        env["PRUNE_ARGS"] = EXTRA_ARGS[method].format(clip_dir=clip_dir)
+        env["PRUNE_ARGS"] = EXTRA_ARGS[method].format(clip_dir=clip_dirs.get(family, "none"))
     if m.families is not None and family not in m.families:
-        with pytest.raises(ValueError, match="does not apply"):
+        reason = m.refusal_for(family)
+        assert reason, f"{method} refuses {family} without a reason"
+        with pytest.raises(ValueError, match="does not apply") as refused:
             spec.module.patch(model, cfg(**env))
+        assert reason in str(refused.value)
         return
     spec.module.patch(model, cfg(**env))
     try:

@@ -66,7 +66,7 @@ def test_registered_names_and_metadata():
     assert dart.stage == "intra_llm" and not dart.exact_count and dart.params == {"n_pivots_image": 4, "n_pivots_text": 4}
     registered = methods.names()
     vis = get_method("vispruner_pre_llm")
-    assert vis.families == ("llava",) and vis.params == {"important_ratio": 0.5}
+    assert vis.families == ("llava", "llava_next") and vis.params == {"important_ratio": 0.5}
     assert get_method("fitprune_intra_llm").needs == ("prev_attention_visual", "prev_attention_text")
     for name in ("prumerge_pre_llm", "prumerge_plus_pre_llm"):
         m = get_method(name)
@@ -75,9 +75,10 @@ def test_registered_names_and_metadata():
     zip_ = get_method("visionzip_pre_llm")
     # Every family (Qwen2.5-VL: the author's adaptation; InternVL: ours), the count is the original's
     # per family (not exact: Qwen's int((r - 0.05) N) + max(int(0.05 N), 1)).
-    assert zip_.families == ("llava", "qwen2_5_vl", "internvl") and not zip_.exact_count
+    assert zip_.families == ("llava", "llava_next", "qwen2_5_vl", "internvl") and not zip_.exact_count
     assert zip_.params == {"contextual_ratio": 10 / 64}
-    assert zip_.needs_for("llava") == ("vit_features", "vit_cls_feature", "vit_cls_attention", "vit_feature_keys", "vit_projector")
+    assert zip_.needs_for("llava") == zip_.needs_for("llava_next") == (
+        "vit_features", "vit_cls_feature", "vit_cls_attention", "vit_feature_keys", "vit_projector")
     assert zip_.needs_for("qwen2_5_vl") == zip_.needs_for("internvl") == ("vit_attention_received", "vit_unit_keys")
 
 

@@ -648,13 +648,13 @@ def test_vscan_configuration_one_name_two_stages_middle_layer_per_model():
 
 @pytest.mark.parametrize("method", ["visionzip_pre_llm", "hiprune_pre_llm", "vscan"])
 def test_a_family_the_port_does_not_cover_is_refused(method):
-    # Every family here has a port (InternVL: ours); a new one (LLaVA-NeXT, base image + crops) is
-    # refused by the configuration until its per-crop rules are written (docs/methods_vit.md).
+    # Every family here has a port (InternVL: ours; LLaVA-NeXT: per crop, docs/llava_next.md); a new
+    # one is refused by the configuration until its rules are written.
     from families import cfg
 
     c = cfg(KEEP_RATIO=0.111, PRUNE_METHOD=method).for_model(32)
-    with pytest.raises(ValueError, match=f"{method} does not apply to llava_next .*supports llava, qwen2_5_vl, internvl"):
-        c.validate_for(32, "llava_next")
+    with pytest.raises(ValueError, match=f"{method} does not apply to llava_onevision .*supports llava, llava_next, qwen2_5_vl, internvl"):
+        c.validate_for(32, "llava_onevision")
 
 
 def test_a_vit_layer_the_tower_lacks_is_a_clear_error():

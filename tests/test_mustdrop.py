@@ -109,7 +109,7 @@ def _reference(ref, model, inputs, ids, drops, final, trim_from, n_prompt) -> to
 
 # The tiny random models attend almost uniformly, so a global threshold of exactly 1/N (N tokens an
 # image, the same for every image of the prompt) drops the below-average tokens: at least one, never all.
-ENGINE_CASES = {"qwen2_5_vl": ("2img", 1 / 8), "internvl": ("1img", 1 / 48), "llava": ("2img", 1 / 16)}
+ENGINE_CASES = {"qwen2_5_vl": ("2img", 1 / 8), "internvl": ("1img", 1 / 48), "llava": ("2img", 1 / 16), "llava_next": ("2img", 1 / 32)}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -132,7 +132,7 @@ def test_engine_filters_trims_the_cache_and_equals_the_reference(family):
     finally:
         spec.module.unpatch(model)
     vision, *filters, trim = trace
-    # No window merge: Qwen / InternVL skip it; the tiny LLaVA's 4x4 grid is no grid of 3x3 windows.
+    # No window merge: Qwen / InternVL / LLaVA-NeXT skip it; the tiny LLaVA's 4x4 grid is no grid of 3x3 windows.
     assert (vision.stage, vision.layer, vision.n_in, vision.n_keep) == ("vision", None, filters[0].n_in, filters[0].n_in)
     assert vision.note.startswith("ViT merge skipped")
     assert [(e.stage, e.layer) for e in filters] == [("intra_llm", 1), ("intra_llm", 2), ("intra_llm", 3)]
@@ -145,6 +145,8 @@ def test_engine_filters_trims_the_cache_and_equals_the_reference(family):
     assert [out.past_key_values.get_seq_length(i) for i in range(4)] == [n_final] * 4
     if family == "llava":  # the [CLS] key set: ceil(0.08 * 16) = 2 tokens per image always stay
         assert all(k >= 2 for _, k in filters[-1].images)
+    if family == "llava_next":  # the key set over each image's crops: ceil(0.08 * 32) = 3 tokens
+        assert all(k >= 3 for _, k in filters[-1].images)
     drops = {e.layer: e.kept for e in filters}
     ref_prefill = _reference(spec.ref, model, inputs, inputs["input_ids"], drops, set(trim.kept), 0, n_prompt)
     torch.testing.assert_close(prefill, ref_prefill, atol=ATOL, rtol=0)

@@ -3,7 +3,8 @@ wrapper of the model name feeds it (issue #10).
 
 For each family, the REFERENCE is VLMEvalKit 26.3's own wrapper of the reference model name
 (``Qwen2VLChat`` for ``Qwen2.5-VL-7B-Instruct``, ``InternVLChat`` V2.0 for ``InternVL3-8B``,
-``LLaVA`` for ``llava_v1.5_7b``), built by its own ``__init__`` with the keyword arguments of
+``LLaVA`` for ``llava_v1.5_7b``, ``LLaVA_Next`` for ``llava_next_vicuna_7b``), built by its own
+``__init__`` with the keyword arguments of
 ``vlmeval.config.supported_VLM`` and no weights: the loaders it calls are answered here (test
 stubs written independently of the harness's) with the tiny checkpoint's processor/tokenizer and a
 recorder standing in for the original model, and its CUDA calls land on the CPU. Its
@@ -35,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 import custom_internvl
 import custom_llava
+import custom_llava_next
 import custom_qwenvl
 import vlm_adapter
 from synthetic import tiny_checkpoints, tiny_data
@@ -53,6 +55,7 @@ FAMILIES = {
     "qwen2_5_vl": (custom_qwenvl, tiny_checkpoints.save_tiny_qwen, "Qwen2.5-VL-7B-Instruct"),
     "internvl3": (custom_internvl, tiny_checkpoints.save_tiny_internvl, "InternVL3-8B"),
     "llava": (custom_llava, tiny_checkpoints.save_tiny_llava, "llava_v1.5_7b"),
+    "llava_next": (custom_llava_next, tiny_checkpoints.save_tiny_llava_next, "llava_next_vicuna_7b"),
 }
 
 
@@ -88,13 +91,34 @@ class OriginalRecorder:
         self.calls.append(("generate", args, kwargs))
         if args:  # the original LLaVA: generate(input_ids, images=...) from embeddings -> new tokens only
             return torch.tensor([self.new])
-        return torch.cat([kwargs["input_ids"], torch.tensor([self.new])], dim=1)  # Qwen: prompt + new
+        return torch.cat([kwargs["input_ids"], torch.tensor([self.new])], dim=1)  # HF-native (Qwen, LLaVA-NeXT): prompt + new
 
     def chat(self, tokenizer, pixel_values, question, generation_config, **kwargs):
         # InternVL3's remote-code chat returns the decoded answer, cut at <|im_end|>.
         self.calls.append(("chat", (), dict(pixel_values=pixel_values, question=question,
                                             generation_config=dict(generation_config), **kwargs)))
         return tokenizer.batch_decode([self.new], skip_special_tokens=True)[0].split("<|im_end|>")[0].strip()
+
+
+class Transformers4Processor:
+    """The reference's ``LlavaNextProcessor`` as transformers 4.x called it: ``LLaVA_Next`` passes
+    ``(prompt, images)`` positionally, which 4.x processors took as text and images (a text-first call
+    was swapped); transformers 5.23 reads the first positional argument as the images. This stand-in
+    (the test's own, not the harness's ``TextFirstProcessor``) swaps such a call and hands the rest over."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, images=None, text=None, **kwargs):
+        def is_text(x):
+            return isinstance(x, str) or (isinstance(x, list) and bool(x) and all(isinstance(t, str) for t in x))
+
+        if is_text(images) and not is_text(text):
+            images, text = text, images
+        return self.processor(images=images, text=text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +165,11 @@ def reference_wrapper(family: str, ckpt: Path, recorder: OriginalRecorder):
 
         patches = [mock.patch.object(m.AutoTokenizer, "from_pretrained", lambda *a, **k: processor.tokenizer),
                    mock.patch.object(m.AutoModel, "from_pretrained", lambda *a, **k: recorder)]
+    elif family == "llava_next":
+        patches = [mock.patch.object(transformers.LlavaNextProcessor, "from_pretrained",
+                                     lambda *a, **k: Transformers4Processor(processor)),
+                   mock.patch.object(transformers.LlavaNextForConditionalGeneration, "from_pretrained",
+                                     lambda *a, **k: recorder)]
     else:
         import llava.model.builder as m
 
@@ -184,7 +213,7 @@ def prompt_of(model, dataset, row, name):
 def expected_from_reference(family: str, call: tuple[str, tuple, dict], tokenizer, model_config) -> dict[str, Any]:
     """The HF-native model's inputs that the reference's call to the ORIGINAL model means."""
     kind, args, kwargs = call
-    if family == "qwen2_5_vl":  # HF-native on both sides: the same call
+    if family in ("qwen2_5_vl", "llava_next"):  # HF-native on both sides: the same call
         return dict(kwargs)
     if family == "internvl3":
         # InternVL3's remote-code chat (OpenGVLab/InternVL modeling_internvl_chat.py, template
@@ -213,7 +242,7 @@ def expected_from_reference(family: str, call: tuple[str, tuple, dict], tokenize
 def assert_same_inputs(expected: dict[str, Any], got: dict[str, Any]) -> None:
     assert torch.equal(got["input_ids"], expected["input_ids"])
     assert torch.equal(got["pixel_values"], expected["pixel_values"].to(got["pixel_values"].dtype))
-    for key in ("image_grid_thw", "attention_mask"):
+    for key in ("image_grid_thw", "image_sizes", "attention_mask"):
         if key in expected:
             assert torch.equal(got[key], expected[key]), key
     settings = lambda d: {k: v for k, v in d.items() if not isinstance(v, torch.Tensor) and k != "stopping_criteria"}  # noqa: E731
@@ -288,11 +317,15 @@ def test_visual_token_counts_are_vlmevalkits(checkpoints, lmu):
     """Hand-computed: Qwen2.5-VL at min_pixels=1280*28*28 resizes 640x480 to 868x1176 (31 x 42 merged
     tokens = 1302) and, for OCRBench (min_pixels=10*10*28*28), 160x48 to 168x532 (6 x 19 = 114);
     InternVL3 cuts 640x480 into a 3x2 grid plus a thumbnail (7 tiles, max 6) and, for OCRBench
-    (max 24), 160x48 into a 7x2 grid plus a thumbnail (15 tiles)."""
+    (max 24), 160x48 into a 7x2 grid plus a thumbnail (15 tiles). The tiny LLaVA-NeXT (56-px crops,
+    4 x 4 tokens; pinpoints 56x112, 112x56, 112x112) has no dataset setting: 640x480 takes 2 x 2
+    crops, stitched 8 x 8 tokens, of which int(round(480 * 8 / 640)) = 6 rows stay: 16 + 48 = 64
+    visual tokens and 6 newlines (70 placeholders); 160x48 takes 56x112 (1 x 2 crops, stitched 4 x 8),
+    int(round(48 * 8 / 160)) = 2 rows stay: 16 + 16 = 32 and 2 newlines."""
     from vlmeval.dataset import build_dataset
 
     counts = {}
-    for family in ("qwen2_5_vl", "internvl3"):
+    for family in ("qwen2_5_vl", "internvl3", "llava_next"):
         model, calls = ours(family, checkpoints[family], [0])
         for real in ("MME", "OCRBench"):
             dataset = build_dataset(real + tiny_data.TINY_SUFFIX)
@@ -303,20 +336,26 @@ def test_visual_token_counts_are_vlmevalkits(checkpoints, lmu):
             if family == "qwen2_5_vl":
                 t, h, w = call["image_grid_thw"][0].tolist()
                 counts[family, real] = t * h * w // 4
+            elif family == "llava_next":
+                placeholders = int((call["input_ids"] == model._pruned.loaded.model.config.image_token_id).sum())
+                (entry,) = custom_llava_next.FAMILY.image_layout(model._pruned.loaded.model, call)
+                counts[family, real] = (entry.n, placeholders)
             else:
                 counts[family, real] = call["pixel_values"].shape[0]
     assert counts == {("qwen2_5_vl", "MME"): 1302, ("qwen2_5_vl", "OCRBench"): 114,
-                      ("internvl3", "MME"): 7, ("internvl3", "OCRBench"): 15}
+                      ("internvl3", "MME"): 7, ("internvl3", "OCRBench"): 15,
+                      ("llava_next", "MME"): (64, 70), ("llava_next", "OCRBench"): (32, 34)}
 
 
 def test_generation_settings_are_the_wrappers(checkpoints, lmu):
     """The settings VLMEvalKit's config and wrappers give (vlmeval 26.3): Qwen2.5-VL 2048 new tokens,
-    top_k=1 (greedy), repetition_penalty 1.0; InternVL3 4096, greedy; LLaVA-1.5 2048, greedy."""
+    top_k=1 (greedy), repetition_penalty 1.0; InternVL3 4096, greedy; LLaVA-1.5 and LLaVA-NeXT 2048, greedy."""
     got = {}
     for family in FAMILIES:
         model, _ = ours(family, checkpoints[family], [0])
         got[family] = {"qwen2_5_vl": lambda m: m.generate_kwargs, "internvl3": lambda m: m.kwargs,
-                       "llava": lambda m: m.kwargs}[family](model)
+                       "llava": lambda m: m.kwargs, "llava_next": lambda m: m.kwargs}[family](model)
     assert got["qwen2_5_vl"] == dict(max_new_tokens=2048, top_p=0.001, top_k=1, temperature=0.01, repetition_penalty=1.0)
     assert got["internvl3"] == dict(do_sample=False, max_new_tokens=4096, top_p=None)
     assert got["llava"] == dict(do_sample=False, temperature=0, max_new_tokens=2048, top_p=None, num_beams=1, use_cache=True)
+    assert got["llava_next"] == dict(do_sample=False, temperature=0, max_new_tokens=2048, top_p=None, num_beams=1)

@@ -1,12 +1,13 @@
-"""The three families' runners and tiny checkpoints, end to end.
+"""The four families' runners and tiny checkpoints, end to end.
 
 * Each ``run_*.py`` evaluates its family's tiny checkpoint on ``MME_tiny`` (one image per
   category: 28 samples) through VLMEvalKit with one pruning configuration and the default protocol
   (VLMEvalKit's wrapper of the family's reference model), and writes the score file,
   ``prune_config.json`` and ``prune_records.jsonl`` with the protocol and the expected visual-token
   counts (Qwen2.5-VL: a 112-px image upscaled to min_pixels=1280*28*28, 36 x 36 = 1296 tokens;
-  InternVL3: one 448-px tile; LLaVA: the padded square) and kept counts. The three runs are started
-  together (one torch thread each, separate data and work folders) to keep the file cheap.
+  InternVL3: one 448-px tile; LLaVA: the padded square; LLaVA-NeXT: the base image and 2 x 2 crops of
+  56 px, 16 + 64 visual tokens, its 8 newline tokens in no count) and kept counts. The four runs are
+  started together (one torch thread each, separate data and work folders) to keep the file cheap.
 * Each tiny checkpoint loads through ``vlm_adapter.load_pretrained`` (the real-checkpoint path)
   and the unchanged ``generate_inner`` answers a message with one image path and a text.
 """
@@ -24,6 +25,7 @@ from PIL import Image
 
 import custom_internvl
 import custom_llava
+import custom_llava_next
 import custom_qwenvl
 from synthetic import tiny_checkpoints
 from synthetic import tiny_data
@@ -37,16 +39,20 @@ FAMILIES = {
     "qwen2_5_vl": ("run_qwenvl2_5.py", custom_qwenvl, tiny_checkpoints.save_tiny_qwen),
     "internvl3": ("run_internvl3.py", custom_internvl, tiny_checkpoints.save_tiny_internvl),
     "llava": ("run_llava.py", custom_llava, tiny_checkpoints.save_tiny_llava),
+    "llava_next": ("run_llava_next.py", custom_llava_next, tiny_checkpoints.save_tiny_llava_next),
 }
 
-# One configuration exercising both stages: 16 visual tokens an MME_tiny image (112 px) in each
-# tiny family -> 4 kept before the decoder -> 2 from layer 2 on.
+# One configuration exercising both stages: 16 visual tokens an MME_tiny image (112 px) in the
+# tiny InternVL3 and LLaVA -> 4 kept before the decoder -> 2 from layer 2 on (budgets of N_VISUAL).
 ENV = {"KEEP_RATIO": "0.25", "PRUNE_METHOD_PRE_LLM": "divprune_pre_llm",
        "INTRA_LLM_LAYER_SPECS": "2:fastv_intra_llm:0.125", "PREFILL_TIME": "1"}
 CONFIG = PruneConfig.from_env(ENV)
 N_SAMPLES = 28  # 14 categories x 1 image x 2 questions
-N_VISUAL = {"qwen2_5_vl": 1296, "internvl3": 16, "llava": 16}  # an MME_tiny image (112 px) under VLMEvalKit's protocol
-REFERENCE = {"qwen2_5_vl": "Qwen2.5-VL-7B-Instruct", "internvl3": "InternVL3-8B", "llava": "llava_v1.5_7b"}
+# an MME_tiny image (112 px) under VLMEvalKit's protocol: visual tokens, and LLaVA-NeXT's newline tokens
+N_VISUAL = {"qwen2_5_vl": 1296, "internvl3": 16, "llava": 16, "llava_next": 80}
+MARKERS = {"llava_next": 8}  # 2 x 2 crops stitched into 8 x 8 tokens, nothing unpadded: a newline per row
+REFERENCE = {"qwen2_5_vl": "Qwen2.5-VL-7B-Instruct", "internvl3": "InternVL3-8B", "llava": "llava_v1.5_7b",
+             "llava_next": "llava_next_vicuna_7b"}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +63,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def runs(checkpoints, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """Start the three runners at once; return ``{family: (its folder, the finished process)}``."""
+    """Start the four runners at once; return ``{family: (its folder, the finished process)}``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("KEEP_", "PRUNE_", "INTRA_LLM"))}
     procs = {}
     for key, (script, _, _) in FAMILIES.items():
@@ -98,6 +104,7 @@ def test_runner_end_to_end_on_the_tiny_checkpoint(family, runs, checkpoints):
     for r in records:
         assert r["protocol"] == f"vlmeval:{REFERENCE[family]}+mnt2"
         assert [s["n"] for s in r["image_spans"]] == [n]  # visual tokens per image before pruning
+        assert [s.get("markers", 0) for s in r["image_spans"]] == [MARKERS.get(family, 0)]
         assert (r["n_visual"], r["n_visual_final"]) == (n, intra)
         assert [(e["stage"], e["layer"], e["n_in"], e["n_keep"]) for e in r["events"]] == [
             ("pre_llm", None, n, pre), ("intra_llm", 2, pre, intra)
@@ -111,6 +118,10 @@ def test_runner_names_resolve_to_hf_checkpoints():
     assert vlm_adapter.resolve_checkpoint(custom_internvl, "InternVL3-8B", None) == ("InternVL3-8B", "OpenGVLab/InternVL3-8B-hf")
     assert vlm_adapter.resolve_checkpoint(custom_internvl, "InternVL3-1B", None) == ("InternVL3-1B", "OpenGVLab/InternVL3-1B-hf")
     assert vlm_adapter.resolve_checkpoint(custom_llava, "llava_v1.5_7b", None) == ("llava_v1.5_7b", "llava-hf/llava-1.5-7b-hf")
+    assert vlm_adapter.resolve_checkpoint(custom_llava_next, "llava_next_vicuna_7b", None) == (
+        "llava_next_vicuna_7b", "llava-hf/llava-v1.6-vicuna-7b-hf")
+    assert vlm_adapter.resolve_checkpoint(custom_llava_next, "llava_next_mistral_7b", None) == (
+        "llava_next_mistral_7b", "llava-hf/llava-v1.6-mistral-7b-hf")
     with pytest.raises(SystemExit, match="llava_v1.5_7b"):
         vlm_adapter.resolve_checkpoint(custom_llava, "llava_v1.5_9b", None)
 

@@ -140,11 +140,13 @@ def _reference(ref, model, inputs, ids, ops) -> torch.Tensor:
     text = model.model.language_model
     hidden = ref.embed(model, inputs, ids)
     pos = ref.positions(model, inputs, ids)
-    visual = ref.visual_mask(model, ids).tolist()
+    visual = ref.visual_mask(model, ids, inputs).tolist()
+    placeholder = (ids[0] == model.config.image_token_id).tolist()[: inputs["input_ids"].shape[1]]
     owner, image = [], -1
-    for j, v in enumerate(visual):  # image index of every visual token (runs of image tokens)
-        image += v and (j == 0 or not visual[j - 1])
-        owner.append(image if v else -1)
+    for j, v in enumerate(visual):  # image index of every visual token (runs of image placeholders)
+        p = j < len(placeholder) and placeholder[j]
+        image += p and (j == 0 or not placeholder[j - 1])
+        owner.append(image if v and p else -1)
     last = {img: max(j for j, o in enumerate(owner) if o == img) for img in set(owner) - {-1}}
     src = list(range(ids.shape[1]))  # the position each current token uses
     for i, layer in enumerate(text.layers):

@@ -5,7 +5,7 @@ it: ``--dry-run`` lists the cells; a sweep killed in its first cell (after VLMEv
 predictions), whose prediction root is then renamed to an older day as after midnight or a commit;
 the full sweep, which resumes that cell without recomputing the saved predictions and runs the
 others; a re-run, which starts no runner; then the tables and PNGs. Then ``scripts/tiny_sweep.py``:
-the three families x the twelve tiny datasets of the paper's ten formats with ``--one-load``, its
+the four families x the twelve tiny datasets of the paper's ten formats with ``--one-load``, its
 tables and plots, and its cells compared with the per-cell runners'; one cell under ``--nproc 2``
 (``torchrun`` on CPU) compared with the one-process run. A last part checks the aggregation's
 arithmetic on hand-written score files.
@@ -259,7 +259,7 @@ GROUP_ORDER = ["Comprehensive", "OCR", "Multidisciplinary", "Hallucination", "Ma
 
 @pytest.fixture(scope="module")
 def tiny(setup, full, tmp_path_factory) -> dict:
-    """``scripts/tiny_sweep.py``: the three tiny families x the 12 tiny datasets x (vanilla, FastV at
+    """``scripts/tiny_sweep.py``: the four tiny families x the 12 tiny datasets x (vanilla, FastV at
     0.5), through ``sweep.sh --one-load`` (rule-scored datasets with exact matching, then the three
     judged ones with a local stub judge), aggregated and plotted. Qwen is the shell sweep's
     checkpoint, so the cells both sweeps ran can be compared."""
@@ -284,7 +284,7 @@ def _comparable(record: dict) -> dict:
 
 def test_tiny_sweep_covers_every_family_and_dataset_format(tiny):
     for proc in tiny["sweeps"]:
-        assert "FAIL" not in proc.stdout and proc.stdout.count("loaded ") == 3  # one load per checkpoint
+        assert "FAIL" not in proc.stdout and proc.stdout.count("loaded ") == 4  # one load per checkpoint
     models = tiny["report"]["models"]
     assert sorted(models) == sorted(_model(p) for p in tiny["checkpoints"].values())
     for name, model in models.items():
@@ -326,23 +326,30 @@ def test_tiny_sweep_accuracy_tables(tiny):
         assert "*Retain 50.0% tokens (↓ 50.0%)*" in md, family
 
 
+# Visual tokens of a tiny dataset's 112-px image: 16 in each tiny family, but the tiny LLaVA-NeXT's
+# base image + 2 x 2 crops of 16 (its 8 newline tokens are in no count).
+TINY_VISUAL = {"llava_next": 80}
+
+
 def test_tiny_sweep_system_metrics(tiny):
+    assert sorted(tiny["checkpoints"]) == ["internvl", "llava", "llava_next", "qwen"]
     for family, ckpt in tiny["checkpoints"].items():
+        v = TINY_VISUAL.get(family, 16)
         rows = tiny["report"]["models"][_model(ckpt)]["system"]
         assert len(rows) == 2 * len(ALL)
         lmu = tiny["out"] / "lmu"
         for r in rows:
             n = len(pd.read_csv(lmu / f"{r['dataset']}.tsv", sep="\t"))
             assert (r["records"], r["timed"], r["runs"]) == (n, n - 1, 1), (family, r["dataset"])
-            assert r["total s"] > 0 and r["visual in"] == 16 and r["KV dtype"] == "float32"
+            assert r["total s"] > 0 and r["visual in"] == v and r["KV dtype"] == "float32"
             assert r["KV cache MB (measured)"] == pytest.approx(r["KV MB"])  # the engine's cache = the theory
             assert r["peak mem MB"] is None  # CUDA only
             assert n == 1 or r["prefill ms mean"] > 0
             if r["method"] == "vanilla":
-                assert r["FLOPs ratio"] == 1 and r["visual final"] == 16 and r["method ms mean"] in (0, None)
-            else:  # FastV at layer 2 keeps 8 of 16 from there on
+                assert r["FLOPs ratio"] == 1 and r["visual final"] == v and r["method ms mean"] in (0, None)
+            else:  # FastV at layer 2 keeps half (8 of 16; 40 of 80) from there on
                 layers = r["layers"]
-                assert r["visual final"] == 8 and r["equiv tokens"] == pytest.approx((2 * 16 + (layers - 2) * 8) / layers)
+                assert r["visual final"] == v // 2 and r["equiv tokens"] == pytest.approx((2 * v + (layers - 2) * v // 2) / layers)
                 assert r["FLOPs ratio"] < 1 and r["KV MB"] < r["KV MB full"]
                 assert n == 1 or r["method ms mean"] > 0
         assert set(SYSTEM_KEYS) <= set(rows[0])
