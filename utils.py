@@ -72,7 +72,10 @@ KNOWN_VARS = (
 _CHECKED_PREFIXES = ("KEEP_", "PRUNE_", "INTRA_LLM", "PRE_LLM")
 _DEFAULT_INTRA_LAYER = 2
 # Family.name -> the runner of that family (for messages that name the fix).
-FAMILY_RUNNERS = {"qwen2_5_vl": "run_qwenvl2_5.py", "internvl": "run_internvl3.py", "llava": "run_llava.py"}
+FAMILY_RUNNERS = {
+    "qwen2_5_vl": "run_qwenvl2_5.py", "internvl": "run_internvl3.py", "llava": "run_llava.py",
+    "llava_next": "run_llava_next.py",
+}
 
 
 class ConfigError(ValueError):
@@ -425,8 +428,8 @@ _OTHER_MODEL_TYPES = {
     "internvl_chat": "the remote-code InternVL checkpoint (e.g. OpenGVLab/InternVL3-8B); this harness runs the "
                      "HF-native conversion: use OpenGVLab/InternVL3-<size>-hf with run_internvl3.py",
     "qwen2_vl": "a Qwen2-VL checkpoint; this harness runs Qwen2.5-VL (run_qwenvl2_5.py)",
-    "llava_next": "a LLaVA-NeXT checkpoint; this harness runs LLaVA-1.5 (llava-hf/llava-1.5-7b-hf, run_llava.py)",
-    "llava_onevision": "a LLaVA-OneVision checkpoint; this harness runs LLaVA-1.5 (run_llava.py)",
+    "llava_onevision": "a LLaVA-OneVision checkpoint; this harness runs LLaVA-1.5 (run_llava.py) and LLaVA-NeXT "
+                       "(run_llava_next.py)",
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

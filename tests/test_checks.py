@@ -181,8 +181,9 @@ def test_a_method_of_another_family_is_refused_before_loading(ckpts):
     """The issue's ``PRUNE_METHOD_PRE_LLM=vispruner_pre_llm`` on a Qwen checkpoint, through the one call
     a runner makes before it loads anything."""
     config = parse(KEEP_RATIO=0.5, PRUNE_METHOD_PRE_LLM="vispruner_pre_llm")
-    with pytest.raises(ConfigError, match=r"vispruner_pre_llm does not apply to qwen2_5_vl: it supports llava "
-                                          r"only. Use run_llava.py with a llava checkpoint, or another pre_llm method"):
+    with pytest.raises(ConfigError, match=r"vispruner_pre_llm does not apply to qwen2_5_vl: it supports llava, "
+                                          r"llava_next only. Use run_llava.py or run_llava_next.py with a llava, llava_next checkpoint, "
+                                          r"or another pre_llm method"):
         check_before_loading(config, str(ckpts["qwen"]), *QWEN)
     info = check_before_loading(config, str(ckpts["llava"]), "llava", ["llava"])
     assert (info.model_type, info.num_layers) == ("llava", 4)

@@ -39,7 +39,7 @@ DEPTH = {
     "Qwen/Qwen2.5-VL-3B-Instruct": 36, "Qwen/Qwen2.5-VL-7B-Instruct": 28,
     "OpenGVLab/InternVL3-1B-hf": 24, "OpenGVLab/InternVL3-2B-hf": 28, "OpenGVLab/InternVL3-8B-hf": 28,
     "OpenGVLab/InternVL3-14B-hf": 48, "OpenGVLab/InternVL3-38B-hf": 64, "OpenGVLab/InternVL3-78B-hf": 80,
-    "llava-hf/llava-1.5-7b-hf": 32,
+    "llava-hf/llava-1.5-7b-hf": 32, "llava-hf/llava-v1.6-vicuna-7b-hf": 32, "llava-hf/llava-v1.6-mistral-7b-hf": 32,
 }
 
 
@@ -69,14 +69,15 @@ def hub(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("docs")
     tiny = {"Qwen": tiny_checkpoints.save_tiny_qwen(root / "tiny-qwen"),
             "OpenGVLab": tiny_checkpoints.save_tiny_internvl(root / "tiny-internvl"),
-            "llava-hf": tiny_checkpoints.save_tiny_llava(root / "tiny-llava")}
+            "llava-hf/llava-1.5": tiny_checkpoints.save_tiny_llava(root / "tiny-llava"),
+            "llava-hf/llava-v1.6": tiny_checkpoints.save_tiny_llava_next(root / "tiny-llava-next")}
     cache = root / "hf" / "hub"
     for hub_id, depth in DEPTH.items():
         snapshot = cache / f"models--{hub_id.replace('/', '--')}" / "snapshots" / "0"
         snapshot.mkdir(parents=True)
         (snapshot.parent.parent / "refs").mkdir()
         (snapshot.parent.parent / "refs" / "main").write_text("0")
-        source = tiny[hub_id.split("/")[0]]
+        source = next(path for prefix, path in tiny.items() if hub_id.startswith(prefix))
         for f in source.iterdir():
             if f.name == "config.json":
                 config = json.loads(f.read_text())

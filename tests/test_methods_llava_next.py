@@ -239,5 +239,5 @@ def test_fastervlm_keeps_each_crops_eager_cls_topk():
 @pytest.mark.parametrize("method", ["prumerge_pre_llm", "prumerge_plus_pre_llm"])
 def test_prumerge_is_refused_with_its_reason(method):
     spec = FAMILIES["llava_next"]
-    with pytest.raises(ValueError, match=f"{method} does not apply to llava_next .*no LLaVA-NeXT path"):
+    with pytest.raises(ValueError, match=f"{method} does not apply to llava_next: .*no LLaVA-NeXT path"):
         spec.module.patch(spec.build(), cfg(KEEP_RATIO=0.5, PRUNE_METHOD_PRE_LLM=method))

@@ -653,7 +653,7 @@ def test_a_family_the_port_does_not_cover_is_refused(method):
     from families import cfg
 
     c = cfg(KEEP_RATIO=0.111, PRUNE_METHOD=method).for_model(32)
-    with pytest.raises(ValueError, match=f"{method} does not apply to llava_onevision .*supports llava, llava_next, qwen2_5_vl, internvl"):
+    with pytest.raises(ValueError, match=f"{method} does not apply to llava_onevision: it supports llava, llava_next, qwen2_5_vl, internvl"):
         c.validate_for(32, "llava_onevision")
 
 

@@ -211,7 +211,8 @@ def test_dry_run_flags_the_cells_a_runner_would_refuse(setup, invalid_grid):
     qwen, other = setup["model"], f"{invalid_grid['llava_like'].name}__{PROTOCOL_TAG}__vanilla"
     assert "--data: unknown dataset 'POPE_tinyy' (did you mean POPE_tiny" in why(setup["name"], "POPE_tinyy")
     assert why(f"{qwen}__vispruner_pre_llm-r0.5", SMALL).startswith(
-        "vispruner_pre_llm does not apply to qwen2_5_vl: it supports llava only. Use run_llava.py")
+        "vispruner_pre_llm does not apply to qwen2_5_vl: it supports llava, llava_next only. "
+        "Use run_llava.py or run_llava_next.py")
     assert why(f"{qwen}__L40-fastv_intra_llm-r0.5", SMALL).startswith(
         "INTRA_LLM_LAYER_SPECS: layer 40 is out of range for this model's 4-layer decoder")
     assert "gprune_pre_llm: temperature=0 is not valid: it must be > 0" in why(f"{qwen}__?", SMALL)
