@@ -19,7 +19,7 @@ from methods.cdpruner import (
     load_clip,
     strip_instruction,
 )
-from sync_count import count_syncs
+from scripts.op_count import OpCounter
 from tiny_clip import CHUNK, save_tiny_clip
 
 SEED = 6
@@ -93,9 +93,9 @@ def test_greedy_equals_the_brute_force_greedy_and_batches_over_crops(seed):
 def test_no_host_sync_in_the_selection():
     g = torch.Generator().manual_seed(0)
     feats, image, text = torch.randn(1, 24, 8, generator=g), torch.randn(1, 24, 4, generator=g), torch.randn(2, 4, generator=g)
-    with count_syncs() as syncs:
+    with OpCounter() as ops:
         cdpruner_select(feats, image, text, 12)
-    assert syncs == []
+    assert ops.syncs == []
 
 
 # ----------------------------------------------------------------------------- the engine on LLaVA

@@ -266,12 +266,12 @@ def test_adaptation_after_the_merger_equals_the_reference(family):
 
 
 def test_no_host_sync_in_the_matching():
-    from sync_count import count_syncs
+    from scripts.op_count import OpCounter
 
     g = torch.Generator().manual_seed(0)
     metric, x = torch.randn(2, 33, 8, generator=g), torch.randn(2, 33, 16, generator=g)
-    with count_syncs() as syncs:
+    with OpCounter() as ops:
         dest, r = tome_match(metric, 10)
         tome_merge_mean(x, dest, 33 - r)
-    assert syncs == []
+    assert ops.syncs == []
 
