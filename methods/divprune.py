@@ -36,13 +36,16 @@ def divprune(ctx: PruneContext, keep: int) -> torch.Tensor:
     picks = torch.empty(keep, dtype=torch.long, device=x.device)
     # First pick: each column's second-smallest distance (its nearest neighbour other than itself).
     scores = dist.topk(2, dim=0, largest=False).values[1] if ctx.n > 1 else dist[0]
+    # One device step a pick, no host sync: the pick stays a [1] tensor (index_select / scatter,
+    # never a Python index), so the loop only queues kernels.
     min_dist = None
+    pick = None
     for i in range(keep):
         if i > 0:
-            row = dist[picks[i - 1]]
+            row = dist.index_select(0, pick)[0]
             min_dist = row if min_dist is None else torch.minimum(min_dist, row)
             scores = min_dist.masked_fill(chosen, float("-inf"))
-        pick = torch.argmax(scores)
-        picks[i] = pick
-        chosen[pick] = True
+        pick = torch.argmax(scores).view(1)
+        picks[i : i + 1] = pick
+        chosen.index_fill_(0, pick, True)
     return picks
