@@ -67,9 +67,8 @@ def fitprune_keep(attn_visual: torch.Tensor, attn_text: torch.Tensor, n_delete: 
         input of the next layer with this layer's attention (the MLP is per token).
     """
     scores = fitprune_scores(attn_visual, attn_text)
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    keep[torch.sort(scores).indices[:n_delete]] = False
-    return torch.nonzero(keep).flatten()
+    # The complement of the n_delete lowest is the rest of the same sort (no nonzero: no host sync).
+    return torch.sort(scores).indices[n_delete:].sort().values
 
 
 def fitprune_reference_masses(attn_visual: torch.Tensor, attn_text: torch.Tensor) -> tuple[float, float]:
