@@ -76,16 +76,24 @@ def sparsevlm_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     ``m = softmax(visual @ text^T, dim=text).mean(dim=visual)``; raters: ``m > m.mean()`` (every
     text token when none is above the mean, where the original would average over none: NaN).
     """
+    return torch.nonzero(sparsevlm_rater_mask(visual, text)).flatten()
+
+
+def sparsevlm_rater_mask(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``[T]`` bool: the raters of :func:`sparsevlm_raters` as a mask (no host sync)."""
     m = (_up(visual) @ _up(text).T).softmax(dim=-1).mean(dim=0)  # [T]
-    raters = torch.nonzero(m > m.mean()).flatten()
+    raters = m > m.mean()
     # All scores equal (e.g. one text token): the original's mean over no rater is NaN; all rate.
-    return raters if raters.numel() else torch.arange(m.numel(), device=m.device)
+    return raters | ~raters.any()
 
 
 def sparsevlm_relation(attn_text: torch.Tensor, raters: torch.Tensor) -> torch.Tensor:
     """``[N]`` relation of each visual token: head-mean attention ``attn_text`` ``[H, T, N]``
     (rows = the text tokens, columns = the current visual tokens), averaged over the rater rows."""
-    return _up(attn_text).mean(dim=0)[raters].mean(dim=0)
+    a = _up(attn_text).mean(dim=0)  # [T, N]
+    if raters.dtype == torch.bool:  # a mask (sparsevlm_rater_mask): a masked mean, no host sync
+        return torch.where(raters[:, None], a, 0).sum(dim=0) / raters.sum().to(a.dtype)
+    return a[raters].mean(dim=0)
 
 
 def dpc_knn_assign(x: torch.Tensor, cluster_num: int, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,10 +151,13 @@ def sparsevlm_select(
     n = relation.numel()
     mask = torch.zeros(n, dtype=torch.bool, device=relation.device)
     mask[torch.topk(relation, keep).indices] = True
-    kept = torch.nonzero(mask).flatten()
+    # The counts are known (keep and n - keep): a stable sort of the mask lists the pruned tokens,
+    # then the kept ones, each ascending (no nonzero: no host sync).
+    order = torch.sort(mask.to(torch.uint8), stable=True).indices
+    kept = order[n - keep :]
     if not recycle or keep == n:
         return kept, None
-    pruned = torch.nonzero(~mask).flatten()  # ascending, as torch.where(pred_score_vis == 0)
+    pruned = order[: n - keep]  # ascending, as torch.where(pred_score_vis == 0)
     m = int(pruned.numel() * recycle_ratio) + 1
     top = relation[pruned].topk(min(m, pruned.numel())).indices  # topk order
     candidates = features[pruned[top]]
@@ -227,7 +238,7 @@ def sparsevlm(
     recycling with density noise ``noise * rand`` (``PRUNE_SEED``). ``layers``,
     ``retained_tokens`` and ``budgets`` only shape the schedule.
     """
-    raters = sparsevlm_raters(ctx["input_visual"], ctx["input_text_only"])
+    raters = sparsevlm_rater_mask(ctx["input_visual"], ctx["input_text_only"])
     relation = sparsevlm_relation(ctx["prev_attention_text_only"], raters)
     n_pruned = ctx.n - keep
     m = min(int(n_pruned * recycle_ratio) + 1, n_pruned)
