@@ -96,10 +96,11 @@ def mustdrop_filter(
     a = _up(attn_text).mean(dim=0)  # [T, N]
     col = a.sum(dim=0)
     drop = (col < col.sum() * global_thr) & (a.max(dim=0).values < individual_thr)
-    kept = torch.nonzero(~drop).flatten()
+    kept = ~drop
     if key_set is not None:
-        kept = torch.unique(torch.cat([kept, key_set.to(kept.device)]))
-    return kept
+        kept = kept.index_fill(0, key_set.to(kept.device), True)
+    # The one host sync: the adaptive count (nonzero of the union, ascending and unique).
+    return torch.nonzero(kept).flatten()
 
 
 def mustdrop_key_set(cls_attention: torch.Tensor, key_ratio: float = 0.08) -> torch.Tensor:
@@ -141,33 +142,50 @@ def mustdrop_window_merge(
     patch ``j`` (ascending within a window). ``r`` given: merge that many windows instead (the
     batch minimum of :func:`mustdrop_vit_merge`).
     """
-    cls, feat = x[:1], x[1:]
-    grid = _windows(feat.shape[0], window, x.device)
-    sim = mustdrop_window_similarity(feat, window)
+    sim = mustdrop_window_similarity(x[1:], window)
     if r is None:
         r = int((sim >= threshold).sum())
-    top = sim.topk(r).indices  # descending similarity
-    merged = [grid[j].tolist() for j in top.tolist()]
-    rest = torch.ones(grid.shape[0], dtype=torch.bool, device=x.device)
-    rest[top] = False
-    unmerged = grid[rest].flatten().sort().values.tolist()
-    groups = merged + [[i] for i in unmerged]
-    out = torch.stack([feat[idx].mean(dim=0) for idx in groups]) if groups else feat[:0]
-    return torch.cat([cls, out.to(x.dtype)]), groups
+    out, groups = _merge_windows(x.unsqueeze(0), sim.unsqueeze(0), window, r)
+    return out[0], groups[0]
+
+
+def _merge_windows(x: torch.Tensor, sim: torch.Tensor, window: int, r: int) -> tuple[torch.Tensor, list[list[list[int]]]]:
+    """:func:`mustdrop_window_merge` of every image of ``x`` ``[B, 1 + N, C]`` at once, each merging
+    its own top ``r`` windows by ``sim`` ``[B, G]`` (:func:`mustdrop_window_similarity`). One host sync (the groups, which the ViT-merge contract returns as
+    lists), whatever ``r`` and ``N``."""
+    b_, n = x.shape[0], x.shape[1] - 1
+    cls, feat = x[:, :1], x[:, 1:]
+    grid = _windows(n, window, x.device)  # [G, w*w]
+    top = sim.topk(r, dim=1).indices  # [B, r] descending similarity
+    members = grid[top]  # [B, r, w*w]
+    # The other patches, ascending: a stable sort of the "merged" mask puts them first (their
+    # count, N - r*w*w, is known).
+    merged_mask = torch.zeros(b_, n, dtype=torch.bool, device=x.device)
+    merged_mask.scatter_(1, members.reshape(b_, -1), True)
+    rest = torch.sort(merged_mask.to(torch.uint8), dim=1, stable=True).indices[:, : n - r * window * window]
+    means = feat.gather(1, members.reshape(b_, -1, 1).expand(-1, -1, feat.shape[-1]))
+    means = means.view(b_, r, window * window, -1).mean(dim=2)  # [B, r, C]
+    others = feat.gather(1, rest.unsqueeze(-1).expand(-1, -1, feat.shape[-1]))  # [B, N - r*w*w, C]
+    out = torch.cat([cls, means.to(x.dtype), others], dim=1)
+    order = torch.cat([members.reshape(b_, -1), rest], dim=1).tolist()  # the one host sync
+    ww = r * window * window
+    groups = [[o[i : i + window * window] for i in range(0, ww, window * window)] + [[i] for i in o[ww:]] for o in order]
+    return out, groups
 
 
 def mustdrop_vit_merge(x: torch.Tensor, args: dict) -> tuple[torch.Tensor, list[list[list[int]]]]:
     """The window merge as the method's :class:`methods.ViTMerge` (CLIP layer 0's output ``x``
     ``[B, 1 + N, C]``): ``r`` = the fewest windows at ``>= merge_threshold`` over the images
-    (``conditional_pooling``'s ``.sum(dim=1).min()``), then :func:`mustdrop_window_merge` per image."""
+    (``conditional_pooling``'s ``.sum(dim=1).min()``), then :func:`mustdrop_window_merge` per image.
+    Two host syncs (``r``, then the groups), whatever the grid and ``r``."""
     threshold, window = float(args["merge_threshold"]), int(args["window"])
     n = x.shape[1] - 1
     side = math.isqrt(n)
     if side * side != n or side % window:
         raise ViTMergeSkipped(f"{n} patches are not a square grid of {window}x{window} windows")
-    r = min(int((mustdrop_window_similarity(x[b, 1:], window) >= threshold).sum()) for b in range(x.shape[0]))
-    outs = [mustdrop_window_merge(x[b], threshold, window, r=r) for b in range(x.shape[0])]
-    return torch.stack([o for o, _ in outs]), [g for _, g in outs]
+    sim = torch.stack([mustdrop_window_similarity(x[b, 1:], window) for b in range(x.shape[0])])  # [B, G]
+    r = int((sim >= threshold).sum(dim=1).min())
+    return _merge_windows(x, sim, window, r)
 
 
 def mustdrop_thresholds(keep_ratio: float) -> tuple[float, float]:
