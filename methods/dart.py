@@ -53,7 +53,7 @@ def dart_select(
     text_states: torch.Tensor,
     *,
     per_pivot: int,
-    image_start: int,
+    image_start: int | torch.Tensor,
     n_pivots_image: int = 4,
     n_pivots_text: int = 4,
 ) -> torch.Tensor:
@@ -94,27 +94,46 @@ def dart_select(
     pivot adds ``min(per_pivot, pool size)`` tokens.
     """
     n, t = image_keys.shape[0], text_keys.shape[0]
+    device = image_keys.device
     image_l1 = _up(image_keys).abs().sum(dim=-1)  # [N] torch.norm(p=1)
     text_l1 = _up(text_keys).abs().sum(dim=-1)  # [T]
-    image_pivots = (image_l1.topk(min(n_pivots_image, n)).indices + image_start).tolist()
-    text_pivots = (text_l1.topk(min(n_pivots_text, t)).indices + image_start + n).tolist()
+    n_img, n_txt = min(n_pivots_image, n), min(n_pivots_text, t)
+    image_top = image_l1.topk(n_img).indices
+    text_top = text_l1.topk(n_txt).indices
+    # The one host sync: the pivots' absolute indices, whose CPython set order is the iteration order.
+    start = torch.as_tensor(image_start, device=device).reshape(1)
+    head = torch.cat([start, image_top + start, text_top + start + n]).tolist()
+    image_start, image_pivots, text_pivots = head[0], head[1 : 1 + n_img], head[1 + n_img :]
 
     def state(i: int) -> torch.Tensor:  # absolute sequence index -> its normed state [D]
         return image_states[i - image_start] if i < image_start + n else text_states[i - image_start - n]
 
     retained = set(image_pivots + text_pivots)
-    pool = set(range(image_start, image_start + n)) - set(image_pivots)
+    # The pool's iteration order (CPython set order, fixed: removals leave every entry in its slot),
+    # as rows of image_states; the pool itself lives on the device as a mask over those rows, and its
+    # size follows from the counts alone, so no pivot step reads the device.
+    pool0 = set(range(image_start, image_start + n)) - set(image_pivots)
+    order = torch.tensor([i - image_start for i in pool0], dtype=torch.long, device=device)  # [P]
+    in_pool = torch.ones(n, dtype=torch.bool, device=device)
+    in_pool[image_top] = False
+    kept = torch.zeros(n, dtype=torch.bool, device=device)
+    kept[image_top] = True
+    size = len(pool0)
     for pivot in list(retained):  # CPython set order: reproduces the original's iteration
-        if not pool:
+        if not size:
             break
-        candidates = list(pool)
-        rows = torch.tensor(candidates, device=image_states.device) - image_start
-        cos = F.cosine_similarity(state(pivot).unsqueeze(0), image_states[rows], dim=-1)  # [len(pool)]
-        picked = [candidates[j] for j in (-cos).topk(min(per_pivot, len(candidates))).indices.tolist()]
-        retained.update(picked)
-        pool.difference_update(picked)
-    retained.difference_update(text_pivots)
-    return torch.tensor(sorted(retained), dtype=torch.long, device=image_keys.device) - image_start
+        # The pool's members in set order: a stable sort moves the ones still in it to the front.
+        live = torch.sort((~in_pool[order]).to(torch.uint8), stable=True).indices[:size]
+        rows = order[live]  # [size] = the original's candidates, in its order
+        cos = F.cosine_similarity(state(pivot).unsqueeze(0), image_states[rows], dim=-1)
+        take = min(per_pivot, size)
+        picked = rows[(-cos).topk(take).indices]
+        kept[picked] = True
+        in_pool[picked] = False
+        size -= take
+    # Retained image tokens: the image pivots and every pick (distinct), ascending.
+    count = n_img + (len(pool0) - size)
+    return torch.sort((~kept).to(torch.uint8), stable=True).indices[:count]
 
 
 @register_prune(
@@ -149,7 +168,7 @@ def dart(
         ctx["final_normed_features"],
         ctx["final_normed_text"],
         per_pivot=per_pivot,
-        image_start=int(ctx["sequence_index"][0]),
+        image_start=ctx["sequence_index"][0],  # read with the pivots, in dart_select's one sync
         n_pivots_image=n_pivots_image,
         n_pivots_text=n_pivots_text,
     )
