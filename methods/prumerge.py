@@ -28,6 +28,7 @@ In the harness (see :func:`prumerge_engine_output`, shared with PruMerge+):
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -79,6 +80,38 @@ def prumerge_outlier_ratio(cls_attn: torch.Tensor) -> float:
     return len(np.where(a > q3 + 1.5 * (q3 - q1))[0]) / len(a)
 
 
+def _percentile(sorted_a: torch.Tensor, q: float) -> torch.Tensor:
+    """numpy's ``percentile(a, q)`` (method "linear") of the ascending ``sorted_a`` ``[N]``, on the
+    device and in its dtype: the same virtual index and the same ``_lerp`` (one rounding per
+    operation, each operation its own kernel)."""
+    n = sorted_a.numel()
+    virtual = q / 100 * (n - 1)
+    lo = math.floor(virtual)
+    hi = min(lo + 1, n - 1)
+    t = virtual - lo
+    a, b = sorted_a[lo], sorted_a[hi]
+    diff = b - a
+    return b - diff * (1 - t) if t >= 0.5 else a + diff * t
+
+
+def prumerge_outlier_count(cls_attn: torch.Tensor) -> torch.Tensor:
+    """``[]`` long on the device: how many of ``cls_attn`` ``[N]`` are IQR outliers (``> Q3 + 1.5
+    IQR``), as :func:`prumerge_outlier_ratio` counts them (fp32, numpy's linear percentiles), with
+    no host sync."""
+    a = cls_attn.detach().to(dtype=torch.float32).reshape(-1)
+    s = a.sort().values
+    q1, q3 = _percentile(s, 25), _percentile(s, 75)
+    return (a > q3 + (q3 - q1) * 1.5).sum()
+
+
+def prumerge_kept_count(cls_attn: torch.Tensor) -> tuple[int, float]:
+    """``(int(N * ratio), ratio)`` with ratio = :func:`prumerge_outlier_ratio`: the adaptive count,
+    read with the method's one host sync."""
+    n = cls_attn.numel()
+    ratio = int(prumerge_outlier_count(cls_attn)) / n  # the one host sync: the adaptive count
+    return int(n * ratio), ratio
+
+
 def prumerge_merge(
     features: torch.Tensor, keys: torch.Tensor, cls_attn: torch.Tensor, idx: torch.Tensor, *, knn: int = KNN
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +143,17 @@ def prumerge_merge(
     sim[torch.arange(idx.numel(), device=idx.device), idx] = float("-inf")  # a token is not its own neighbour
     nbr = sim.topk(min(knn, n - 1), dim=1).indices  # [K, knn]
     merged = x[idx] + (x[nbr] * w[nbr].unsqueeze(-1)).sum(dim=1)  # [K, C]
-    pruned = torch.ones(n, dtype=torch.bool, device=x.device)
-    pruned[idx] = False
+    pruned = _pruned(n, idx)  # ascending, as x[mask] lists them
     extra = (x[pruned] * w[pruned].unsqueeze(-1)).sum(dim=0)  # [C]
     return merged, extra
+
+
+def _pruned(n: int, idx: torch.Tensor) -> torch.Tensor:
+    """``[N - K]`` the indices of ``0..n-1`` not in ``idx`` ``[K]`` (distinct), ascending; no host sync
+    (a stable sort of the kept mask: the count is known)."""
+    kept = torch.zeros(n, dtype=torch.uint8, device=idx.device)
+    kept[idx] = 1
+    return torch.sort(kept, stable=True).indices[: n - idx.numel()]
 
 
 def prumerge_select(
@@ -132,9 +172,8 @@ def prumerge_select(
         with sequential positions), ratio = :func:`prumerge_outlier_ratio`; their merged features;
         and the extra token. With no outliers K = 0 and only the extra token remains.
     """
-    n = features.shape[0]
-    ratio = prumerge_outlier_ratio(cls_attn)
-    idx = cls_attn.topk(int(n * ratio)).indices[:limit]
+    k, _ = prumerge_kept_count(cls_attn)
+    idx = cls_attn.topk(k).indices[:limit]
     merged, extra = prumerge_merge(features, keys, cls_attn, idx)
     return PruMergeOutput(idx, merged, extra)
 
@@ -143,9 +182,7 @@ def prumerge_engine_output(ctx: PruneContext, out: PruMergeOutput) -> tuple[torc
     """``(indices [K + 1], features [K + 1, D])`` for the engine: the kept tokens' merged features
     and the extra token, in the slot of the last pruned token, all through ``ctx["vit_projector"]``.
     ``out`` keeps fewer than ``ctx.n`` tokens (the engine runs a method only to prune)."""
-    free = torch.ones(ctx.n, dtype=torch.bool, device=out.indices.device)
-    free[out.indices] = False
-    slot = torch.nonzero(free).flatten()[-1:]  # [1] the last pruned token
+    slot = _pruned(ctx.n, out.indices)[-1:]  # [1] the last pruned token
     vit = torch.cat([out.merged, out.extra.unsqueeze(0)])  # [K + 1, C]
     return torch.cat([out.indices, slot]), ctx["vit_projector"](vit)
 

@@ -19,8 +19,8 @@ from methods.prumerge import (
     PruMergeOutput,
     prumerge_cls_attention,
     prumerge_engine_output,
+    prumerge_kept_count,
     prumerge_merge,
-    prumerge_outlier_ratio,
 )
 
 
@@ -44,8 +44,13 @@ def prumerge_plus_samples(idx: torch.Tensor, ratio: float, n: int) -> torch.Tens
         stride = max(1, int(int(1 / ratio) / 3))
     else:
         stride = n  # only 0
-    taken = set(idx.tolist())
-    return torch.tensor([s for s in range(0, n - 1, stride) if s not in taken], dtype=torch.long, device=idx.device)
+    grid = torch.arange(0, n - 1, stride, device=idx.device)
+    taken = torch.zeros(n, dtype=torch.uint8, device=idx.device)
+    taken[idx] = 1
+    free = 1 - taken[grid]
+    # The one host sync: how many grid points are no outlier (the count is data-dependent).
+    count = int(free.sum())
+    return grid[torch.sort(taken[grid], stable=True).indices[:count]]
 
 
 def prumerge_plus_select(
@@ -67,8 +72,8 @@ def prumerge_plus_select(
         key cosine, weighted by [CLS] attention); and the extra token summarising the tokens left.
     """
     n = features.shape[0]
-    ratio = prumerge_outlier_ratio(cls_attn)
-    idx = cls_attn.topk(int(n * ratio)).indices
+    k, ratio = prumerge_kept_count(cls_attn)
+    idx = cls_attn.topk(k).indices
     idx = torch.cat([idx, prumerge_plus_samples(idx, ratio, n)])[:limit]
     merged, extra = prumerge_merge(features, keys, cls_attn, idx)
     return PruMergeOutput(idx, merged, extra)
