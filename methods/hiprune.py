@@ -94,13 +94,16 @@ def hiprune_select(
     mask[buffers] = True
     if valid is not None:
         mask &= valid
-    n_registers = max(keep - int(mask.sum()), 0)  # the one host sync: the deduplicated buffer count
+    # The registers: the top max(T - |buffers|, 0) of the scores, chosen by rank on the device (the
+    # buffer count is never read on the host).
+    n_registers = (keep - mask.sum()).clamp(0, n)
     scores = deep - mask.to(deep.dtype)  # deep_attention -= available_index_mask.int()
-    kept = mask.clone()
-    kept[scores.topk(min(n, n_registers)).indices] = True  # a register may be a buffer again (Qwen's scale)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))
+    kept = mask | (rank < n_registers)  # a register may be a buffer again (Qwen's scale)
     if valid is not None:
         kept &= valid
-    return torch.nonzero(kept).flatten()
+    return torch.nonzero(kept).flatten()  # the one host sync: the kept count is data-dependent
 
 
 def _layers(family: str, args: dict) -> dict[str, tuple[int, ...]]:
