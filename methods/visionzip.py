@@ -264,9 +264,12 @@ def _llava(
     hidden = torch.cat([cls.unsqueeze(0), patches])  # [1 + n, C]
     out = visionzip_select(hidden, attention, keys, dominant=keep - n_ctx, contextual=n_ctx)
     n_dom = keep - n_ctx - 1  # patches; out.indices = [dominant (n_dom), contextual (n_ctx)]
-    free = torch.ones(features.shape[0], dtype=torch.bool, device=out.indices.device)
-    free[out.indices] = False
-    slot = torch.nonzero(free).flatten()[:1]  # [1] the first token left over carries [CLS]
+    n, k = features.shape[0], out.indices.shape[0]
+    taken = torch.zeros(n, dtype=torch.uint8, device=out.indices.device)
+    taken[out.indices] = 1
+    # [1] the first token left over carries [CLS] (a stable sort of the taken mask, no nonzero); the
+    # indices are distinct, so one is left over iff k < n.
+    slot = torch.sort(taken, stable=True).indices[: min(1, n - k)]
     projected = projector(torch.cat([out.features[n_dom:], out.cls_feature.unsqueeze(0)]))
     merged = torch.cat([features[out.indices[:n_dom]], projected.to(features.dtype)])
     # No token left over (the crop keeps all its tokens): [CLS] has no slot and is dropped.
