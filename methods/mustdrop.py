@@ -164,7 +164,7 @@ def _merge_windows(x: torch.Tensor, sim: torch.Tensor, window: int, r: int) -> t
     merged_mask.scatter_(1, members.reshape(b_, -1), True)
     rest = torch.sort(merged_mask.to(torch.uint8), dim=1, stable=True).indices[:, : n - r * window * window]
     means = feat.gather(1, members.reshape(b_, -1, 1).expand(-1, -1, feat.shape[-1]))
-    means = means.view(b_, r, window * window, -1).mean(dim=2)  # [B, r, C]
+    means = means.view(b_, r, window * window, feat.shape[-1]).mean(dim=2)  # [B, r, C]
     others = feat.gather(1, rest.unsqueeze(-1).expand(-1, -1, feat.shape[-1]))  # [B, N - r*w*w, C]
     out = torch.cat([cls, means.to(x.dtype), others], dim=1)
     order = torch.cat([members.reshape(b_, -1), rest], dim=1).tolist()  # the one host sync
