@@ -186,7 +186,7 @@ def vscan_vit_stage(
     kept = torch.zeros(ctx.n, dtype=torch.bool, device=scores.device)
     kept[local_idx] = True
     kept[scores.topk(min(ctx.n, n_global)).indices] = True
-    kept = torch.nonzero(kept).flatten()
+    kept = torch.nonzero(kept).flatten()  # the one host sync: a global pick may be a local one again
     return kept, vscan_merge(ctx.features, kept)
 
 
@@ -202,7 +202,7 @@ def _vit_stage_per_crop(
     grid = crops.side**2
     patch_of = crops.patch.to(local.device)[ctx.token_index]  # [N] each token's patch in its crop
     rows = crop_rows(ctx)
-    indices, features = [], []
+    crops_kept = []  # (rows, patches, kept & valid on the crop's grid) of every crop with a share
     for r, t in zip(rows, crop_budgets([int(r.numel()) for r in rows], keep)):
         if t == 0:
             continue
@@ -212,15 +212,22 @@ def _vit_stage_per_crop(
         valid = torch.zeros(grid, dtype=torch.bool, device=local.device)
         valid[patches] = True
         local_idx = vscan_window_topk(full[0], (crops.side, crops.side), int(t * 0.5), window)
-        local_idx = local_idx[valid[local_idx]]  # one host sync a crop
-        scores = full[1].clone()
-        scores[local_idx] = 0  # "avoid repetition", as on LLaVA-1.5
-        kept = torch.zeros(grid, dtype=torch.bool, device=local.device)
-        kept[local_idx] = True
+        # A window's pick on an absent patch is dropped: a mask, not a filtered index list (no sync).
+        is_local = torch.zeros(grid, dtype=torch.bool, device=local.device).index_fill_(0, local_idx, True) & valid
+        scores = torch.where(is_local, torch.zeros_like(full[1]), full[1])  # "avoid repetition", as on LLaVA-1.5
+        kept = is_local.clone()
         kept[scores.topk(t - int(t * 0.5)).indices] = True  # never -inf: t <= the crop's tokens
+        crops_kept.append((r, patches, kept & valid))
+    if not crops_kept:
+        return local.new_zeros(0, dtype=torch.long), ctx.features[:0]
+    # The one host sync of the image: every crop's kept count (data-dependent), read at once.
+    counts = torch.stack([k.sum() for _, _, k in crops_kept]).tolist()
+    indices, features = [], []
+    for (r, patches, kept), count in zip(crops_kept, counts):
         position = torch.full((grid,), -1, dtype=torch.long, device=local.device)
         position[patches] = torch.arange(r.numel(), device=local.device)
-        mine = position[torch.nonzero(kept & valid).flatten()]  # positions in r
+        on_grid = torch.sort((~kept).to(torch.uint8), stable=True).indices[:count]  # kept patches, ascending
+        mine = position[on_grid]  # positions in r
         indices.append(r[mine])
         features.append(vscan_merge(ctx.features[r], mine))
     return torch.cat(indices), torch.cat(features)
