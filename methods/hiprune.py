@@ -63,10 +63,11 @@ def _up(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def hiprune_select(
+def hiprune_mask(
     shallow: torch.Tensor, deep: torch.Tensor, keep: int, width: int, alpha: float = 0.1, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """HiPrune's kept tokens ``[k]`` (ascending, ``k <= keep``) of one image.
+    """HiPrune's kept tokens of one image as a mask ``[N]`` bool (``<= keep`` set; no host sync;
+    :func:`hiprune_select` lists them).
 
     Args:
         shallow: ``[N]`` the object layer's global attention score of every token.
@@ -103,7 +104,15 @@ def hiprune_select(
     kept = mask | (rank < n_registers)  # a register may be a buffer again (Qwen's scale)
     if valid is not None:
         kept &= valid
-    return torch.nonzero(kept).flatten()  # the one host sync: the kept count is data-dependent
+    return kept
+
+
+def hiprune_select(
+    shallow: torch.Tensor, deep: torch.Tensor, keep: int, width: int, alpha: float = 0.1, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[k]`` the kept indices, ascending, of :func:`hiprune_mask` (same arguments)."""
+    mask = hiprune_mask(shallow, deep, keep, width, alpha, valid)
+    return torch.nonzero(mask).flatten()  # the one host sync: the kept count is data-dependent
 
 
 def _layers(family: str, args: dict) -> dict[str, tuple[int, ...]]:
@@ -163,7 +172,7 @@ def _per_crop(ctx: PruneContext, keep: int, shallow: torch.Tensor, deep: torch.T
     grid = crops.side**2
     patch_of = crops.patch.to(shallow.device)[ctx.token_index]  # [N] each token's patch in its crop
     rows = crop_rows(ctx)
-    kept = []
+    kept = torch.zeros(ctx.n, dtype=torch.bool, device=shallow.device)  # over the image's rows
     for r, t in zip(rows, crop_budgets([int(r.numel()) for r in rows], keep)):
         if t == 0:
             continue
@@ -172,10 +181,8 @@ def _per_crop(ctx: PruneContext, keep: int, shallow: torch.Tensor, deep: torch.T
         full[:, patches] = torch.stack([shallow[r], deep[r]]) / (grid + 1)
         valid = torch.zeros(grid, dtype=torch.bool, device=shallow.device)
         valid[patches] = True
-        row_of = torch.full((grid,), -1, dtype=torch.long, device=shallow.device)
-        row_of[patches] = r
-        kept.append(row_of[hiprune_select(full[0], full[1], t, crops.side, alpha, valid)])
-    return torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long, device=shallow.device)
+        kept[r] = hiprune_mask(full[0], full[1], t, crops.side, alpha, valid)[patches]  # invalid patches are never kept
+    return torch.nonzero(kept).flatten()  # the one host sync of the image (every crop's kept count at once)
 
 
 def _tile_rows(ctx: PruneContext) -> int:
