@@ -267,6 +267,42 @@ def test_hiprune_same_selection_as_before():
                 == _old_hiprune(shallow, deep, keep, side, alpha, valid).tolist()), trial
 
 
+def _old_hiprune_per_crop(ctx, keep, shallow, deep, alpha):
+    crops = ctx.crops
+    grid = crops.side**2
+    patch_of = crops.patch[ctx.token_index]
+    rows = crop_rows(ctx)
+    kept = []
+    for r, t in zip(rows, crop_budgets([int(r.numel()) for r in rows], keep)):
+        if t == 0:
+            continue
+        patches = patch_of[r]
+        full = torch.zeros(2, grid, dtype=shallow.dtype)
+        full[:, patches] = torch.stack([shallow[r], deep[r]]) / (grid + 1)
+        valid = torch.zeros(grid, dtype=torch.bool)
+        valid[patches] = True
+        row_of = torch.full((grid,), -1, dtype=torch.long)
+        row_of[patches] = r
+        kept.append(row_of[_old_hiprune(full[0], full[1], t, crops.side, alpha, valid)])
+    return torch.cat(kept)
+
+
+@pytest.mark.parametrize("size", [(30, 100), (480, 640)])
+def test_hiprune_per_crop_same_selection(size):
+    from methods.hiprune import _per_crop
+
+    crops = custom_llava_next.image_entry(size, tm.LLAVA_NEXT_PINPOINTS, tm.LLAVA_NEXT_CROP_PX, tm.LLAVA_NEXT_SIDE).crops
+    n = int(crops.crop.numel())
+    g = _gen(n)
+    for trial in range(10):
+        ctx = PruneContext(features=torch.zeros(n, 1), stage="pre_llm", layer=None, positions=torch.arange(n),
+                           token_index=torch.arange(n), n_orig=n, family="llava_next", ratio=0.5, crops=crops)
+        shallow, deep = torch.rand(n, generator=g, dtype=F64), torch.rand(n, generator=g, dtype=F64)
+        keep, alpha = int(torch.randint(1, n, (1,), generator=g)), (0.1, 1.25)[trial % 2]
+        new = _per_crop(ctx, keep, shallow, deep, alpha)
+        assert new.tolist() == sorted(_old_hiprune_per_crop(ctx, keep, shallow, deep, alpha).tolist())
+
+
 # -------------------------------------------------------------------------------- VScan (LLaVA-NeXT)
 def _old_vscan_per_crop(ctx, keep, local, global_, window):
     crops = ctx.crops
