@@ -57,7 +57,8 @@ QUESTION = "Is there a red cube?\nAnswer the question using a single word or phr
 # Per family, the visual tokens of the two prompts (one image each): LLaVA (14 * side)-px images of
 # side^2 tokens, Qwen2.5-VL (1, 2 * side, 2 * side) patch grids, LLaVA-NeXT the tiny pinpoints' 1 x 2
 # crops (32 tokens: base + 2 crops) and 2 x 2 crops (64: base + 4 crops).
-SIZES = {"llava": (16, 36), "qwen2_5_vl": (16, 36), "llava_next": (32, 64)}
+# InternVL: 1 tile, or 2 crops and a thumbnail, of 16 tokens each.
+SIZES = {"llava": (16, 36), "qwen2_5_vl": (16, 36), "llava_next": (32, 64), "internvl": (16, 48)}
 LLAVA_NEXT_IMAGE = {32: (30, 100), 64: (480, 640)}  # (height, width) px
 
 
@@ -116,7 +117,12 @@ class Family:
             else:  # one model for every size
                 model = next((m for (f, _), (_, m, _) in self.models.items() if f == family), None)
                 model = model or FAMILIES[family].build(seed=0)
-                inputs = _qwen_inputs(tokens) if family == "qwen2_5_vl" else tm.llava_next_inputs(sizes=(LLAVA_NEXT_IMAGE[tokens],))
+                if family == "qwen2_5_vl":
+                    inputs = _qwen_inputs(tokens)
+                elif family == "internvl":
+                    inputs = tm.internvl_inputs(tiles=(tokens // tm.INTERNVL_TOKENS_PER_TILE,))
+                else:
+                    inputs = tm.llava_next_inputs(sizes=(LLAVA_NEXT_IMAGE[tokens],))
                 self.models[key] = (FAMILIES[family].module, model, inputs)
         return self.models[key]
 
@@ -130,21 +136,23 @@ class Family:
         return self.clips[id(model)]
 
 
-def _has_crop_path(name: str) -> bool:
-    """Whether the method's module reads LLaVA-NeXT's crops (``ctx.crops``, the crop helpers)."""
+def _source_has(name: str, *words: str) -> bool:
+    """Whether the method's module mentions one of ``words`` (a path of its own for some input)."""
     import inspect
 
     source = inspect.getsource(inspect.getmodule(methods.get_method(name).fn))
-    return any(word in source for word in ("ctx.crops", "crop_rows", "select_per_crop"))
+    return any(word in source for word in words)
 
 
 def families_of(name: str) -> list[str]:
-    """LLaVA-1.5 (every method runs there), Qwen2.5-VL where the method runs on it (its
-    family-specific paths: VisionZip's, HiPrune's, VScan's), and LLaVA-NeXT for the methods with a
-    per-crop path (whose syncs must not grow with the crops either)."""
+    """LLaVA-1.5 (every method runs there), Qwen2.5-VL where the method runs on it, and where the
+    method has a path of its own for them: LLaVA-NeXT (a per-crop path, whose syncs must not grow
+    with the crops either) and InternVL (VisionZip's, HiPrune's, VScan's tile rules)."""
     m = methods.get_method(name)
     runs = [f for f in FAMILIES if m.families is None or f in m.families]
-    return [f for f in ("llava", "qwen2_5_vl", "llava_next") if f in runs and (f != "llava_next" or _has_crop_path(name))]
+    own = {"llava_next": _source_has(name, "ctx.crops", "crop_rows", "select_per_crop"),
+           "internvl": _source_has(name, '"internvl"')}
+    return [f for f in ("llava", "qwen2_5_vl", "llava_next", "internvl") if f in runs and own.get(f, True)]
 
 
 def _env(name: str, clip: str | None) -> dict:
@@ -236,14 +244,15 @@ def test_method_host_syncs_are_bounded(pool, name, family):
 
 def table(tokens: int = 576) -> str:
     """The docs' table: per method and family, the worst call's host syncs and ops with one image of
-    ``tokens`` visual tokens (LLaVA-NeXT: its largest tiny image, 64 tokens over 5 crops)."""
+    ``tokens`` visual tokens (LLaVA-NeXT: its largest tiny image, 64 tokens over 5 crops; InternVL: 3
+    tiles, 48 tokens)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         pool = Family(Path(tmp))
         rows = ["| method | family | tokens | syncs / call | ops / call |", "|---|---|---:|---:|---:|"]
         for name, family in CASES:
-            n = max(SIZES[family]) if family == "llava_next" else tokens
+            n = max(SIZES[family]) if family in ("llava_next", "internvl") else tokens
             record = measure(name, family, n, pool)
             for label in ("vit_merge", "fn"):
                 if any(what == label for what, *_ in record):
