@@ -730,14 +730,16 @@ class Crops:
 
 def crop_rows(ctx: PruneContext) -> list[torch.Tensor]:
     """Per crop of ``ctx.crops``, the rows of ``ctx.features`` that belong to it, ascending. Before any
-    cut of the image (pre-LLM) these are ``Crops.members`` (no host sync); after one, one sync a crop."""
+    cut of the image (pre-LLM) these are ``Crops.members`` (no host sync); after one, one sync for
+    all the crops (their sizes)."""
     crops = ctx.crops
     if crops is None:
         raise ValueError("crop_rows needs ctx.crops (a family with crops: LLaVA-NeXT)")
     if ctx.n == ctx.n_orig:  # nothing cut yet: token_index is 0..N-1
         return list(crops.members)
     owner = crops.crop.to(ctx.token_index.device)[ctx.token_index]
-    return [torch.nonzero(owner == c).flatten() for c in range(crops.n_crops)]
+    sizes = torch.bincount(owner, minlength=crops.n_crops).tolist()  # the one host sync
+    return list(torch.sort(owner, stable=True).indices.split(sizes))  # each crop's rows, ascending
 
 
 def select_per_crop(

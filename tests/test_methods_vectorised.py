@@ -360,3 +360,16 @@ def test_numpy_percentile_is_what_prumerge_reads():  # the reference the device 
     q1, q3 = np.percentile(a.numpy(), 25), np.percentile(a.numpy(), 75)
     assert math.isclose(prumerge_outlier_ratio(a), int((a.numpy() > q3 + 1.5 * (q3 - q1)).sum()) / 5)
     assert int(prumerge_outlier_count(a)) == 1
+
+
+def test_crop_rows_after_a_cut_as_one_nonzero_a_crop():
+    crops = custom_llava_next.image_entry((480, 640), tm.LLAVA_NEXT_PINPOINTS, tm.LLAVA_NEXT_CROP_PX, tm.LLAVA_NEXT_SIDE).crops
+    n = int(crops.crop.numel())
+    g = _gen(2)
+    for k in (1, 7, n - 1):
+        alive = torch.randperm(n, generator=g)[:k].sort().values
+        ctx = PruneContext(features=torch.zeros(k, 1), stage="intra_llm", layer=2, positions=alive, token_index=alive,
+                           n_orig=n, family="llava_next", crops=crops)
+        owner = crops.crop[alive]
+        old = [torch.nonzero(owner == c).flatten().tolist() for c in range(crops.n_crops)]
+        assert [r.tolist() for r in crop_rows(ctx)] == old
