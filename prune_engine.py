@@ -577,10 +577,12 @@ def _expand_vit_merge(state: PruneState, out: Any) -> Any:
     for f, g in zip(feats, groups or ()):
         if f.shape[0] != len(g):
             raise ValueError(f"{f.shape[0]} projected tokens for {len(g)} merged groups")
-        col = torch.empty(sum(len(x) for x in g), dtype=torch.long, device=f.device)
-        for j, members in enumerate(g):
-            col[members] = j
-        cols.append(col)
+        # The groups are host lists: flatten them on the host, then ONE scatter (not one op a group).
+        members = [m for members in g for m in members]
+        group = [j for j, members in enumerate(g) for _ in members]
+        col = torch.empty(len(members), dtype=torch.long)
+        col[torch.tensor(members, dtype=torch.long)] = torch.tensor(group, dtype=torch.long)
+        cols.append(col.to(f.device))
     state.vision["vit_merge_features"], state.vision["vit_merge_cols"] = feats, cols
     out.pooler_output = [f[c] for f, c in zip(feats, cols)]
     return out
@@ -701,7 +703,7 @@ def _find_segments(state: PruneState, model: nn.Module, input_ids: torch.Tensor,
         if e.visual is not None:  # the offsets are the family's (CPU): no device sync
             is_marker = torch.ones(e.span, dtype=torch.bool)
             is_marker[e.visual.cpu()] = False
-            offsets = torch.nonzero(is_marker).flatten()
+            offsets = _true_indices(is_marker, e.span - e.n)
             seq = span.index_select(0, e.visual.to(span.device))
             marker_seq = span.index_select(0, offsets.to(span.device))
         crops = e.crops.to(seq.device) if e.crops is not None else None
