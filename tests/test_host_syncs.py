@@ -116,3 +116,26 @@ def test_engine_syncs_are_few_and_do_not_grow_with_the_tokens(runs, stage, monke
     assert ops_large == ops_small, (
         f"{spec.name} {stage}: the engine adds {ops_small} operators at {n_small} visual tokens, {ops_large} at {n_large}"
     )
+
+
+def main() -> None:
+    """Print the engine's added syncs and operators per family and stage at both sizes (the table in
+    docs/internals.md): ``PYTHONPATH=. python tests/test_host_syncs.py``."""
+    for family in FAMILIES:
+        spec = FAMILIES[family]
+        base = spec.build(seed=0)
+        for stage in CONFIGS:
+            cells = []
+            for build, make in SIZES[family]:
+                model, inputs = build() if build else base, make()
+                with torch.no_grad(), OpCounter() as vanilla:
+                    model(**inputs)
+                with pytest.MonkeyPatch.context() as mp:
+                    syncs, ops, _ = engine_cost(mp, spec, model, inputs, vanilla, stage)
+                n = int(spec.ref.visual_mask(model, inputs["input_ids"], inputs).sum())
+                cells.append(f"N={n}: {syncs} syncs, {ops} ops")
+            print(f"{family:11s} {stage:9s} " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
