@@ -204,16 +204,20 @@ class Event:
     method: str
     n_in: int
     n_keep: int
-    kept: list[int]
+    # The surviving prompt indices, ascending. During the prefill a device tensor of every survivor's
+    # id (added tokens' included), read with the others in ONE transfer after it (_resolve_trace).
+    kept: list[int] | torch.Tensor
     images: list[tuple[int, int]]
     ms: float | None = None
     merged: int = 0  # tokens a method created (recycled clusters) among the survivors; not in ``kept``
     # ``vision`` events (a ViT-internal merge, cut before the LLM; layer None): which ViT layer
     # was merged, or why the merge was skipped (then n_keep == n_in)
     note: str = ""
+    # The method's timer while the prefill runs (read after it: a CUDA timer's read syncs).
+    stopwatch: Stopwatch | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "stopwatch"}
 
 
 @dataclass
@@ -239,22 +243,48 @@ class _Prefill:
     segments: list[_Segment]
     n_prompt: int
     stopwatch: Stopwatch
-    # Ids >= n_prompt (tokens added by a method) -> the prompt index whose positions they take.
-    added_source: list[int] = field(default_factory=list)
+    # Ids >= n_prompt (tokens added by a method) -> the prompt index whose positions they take: one
+    # device tensor per addition (never read back on the host).
+    added_source: list[torch.Tensor] = field(default_factory=list)
     input0: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden [1, L0, D], ids [L0]) entering layer 0
     layer_ids: list[torch.Tensor] = field(default_factory=list)  # per layer: the ids its input (and cache) holds
     layer_visual: list[int] = field(default_factory=list)  # per layer: visual tokens at its input
+    alive0: list[int] = field(default_factory=list)  # per image: its tokens at layer 0's input
 
     @property
     def n_table(self) -> int:
-        return self.n_prompt + len(self.added_source)
+        return self.n_prompt + sum(int(a.numel()) for a in self.added_source)
 
     def position_source(self, ids: torch.Tensor) -> torch.Tensor:
         """``[L]`` prompt indices whose position ids / rotary embeddings the tokens ``ids`` use."""
         if not self.added_source:
             return ids
-        table = torch.cat([torch.arange(self.n_prompt, device=ids.device), ids.new_tensor(self.added_source)])
+        table = torch.cat([torch.arange(self.n_prompt, device=ids.device)] + [a.to(ids.device) for a in self.added_source])
         return table[ids]
+
+    def survivor_ids(self) -> torch.Tensor:
+        """``[n]`` every image's surviving ids, ascending (added tokens' last: ids >= n_prompt), on the
+        device: an :class:`Event`'s ``kept`` until :func:`_resolve_trace`."""
+        return torch.cat([s.orig_seq[s.alive] for s in self.segments]).sort().values
+
+    def alive(self) -> list[int]:
+        """Per image, its tokens in the current sequence (added ones included): shapes, no sync."""
+        return [int(s.alive.numel()) for s in self.segments]
+
+    def text_start(self, img: int, alive: list[int]) -> int:
+        """Where the text after image ``img`` starts in a sequence holding ``alive[j]`` tokens of each
+        image ``j``, from host counts (no read of a device value): the prompt tokens up to its last
+        placeholder (``end``), less the visual tokens of images ``0..img``, plus those that are left
+        (added ones included). That is after its last visual token or, for an image with markers
+        (LLaVA-NeXT: its last row's newline token, never pruned), after its last placeholder."""
+        segs = self.segments[: img + 1]
+        return self.segments[img].end + 1 - sum(s.n_orig for s in segs) + sum(alive[: img + 1])
+
+    def n_text_after(self, img: int, alive: list[int], length: int) -> int:
+        """How many of a ``length``-token sequence (holding ``alive[j]`` tokens of each image) are text
+        after image ``img``: from its text start to the end, less the later images' tokens and markers."""
+        later = range(img + 1, len(self.segments))
+        return length - self.text_start(img, alive) - sum(alive[j] + self.segments[j].markers for j in later)
 
     def visual_ids(self, device: torch.device, markers: bool = False) -> torch.Tensor:
         """``[n_table]`` bool: which ids are visual tokens (any image's, added ones included); with
@@ -547,10 +577,12 @@ def _expand_vit_merge(state: PruneState, out: Any) -> Any:
     for f, g in zip(feats, groups or ()):
         if f.shape[0] != len(g):
             raise ValueError(f"{f.shape[0]} projected tokens for {len(g)} merged groups")
-        col = torch.empty(sum(len(x) for x in g), dtype=torch.long, device=f.device)
-        for j, members in enumerate(g):
-            col[members] = j
-        cols.append(col)
+        # The groups are host lists: flatten them on the host, then ONE scatter (not one op a group).
+        members = [m for members in g for m in members]
+        group = [j for j, members in enumerate(g) for _ in members]
+        col = torch.empty(len(members), dtype=torch.long)
+        col[torch.tensor(members, dtype=torch.long)] = torch.tensor(group, dtype=torch.long)
+        cols.append(col.to(f.device))
     state.vision["vit_merge_features"], state.vision["vit_merge_cols"] = feats, cols
     out.pooler_output = [f[c] for f, c in zip(feats, cols)]
     return out
@@ -592,6 +624,7 @@ def _make_post_hook(state: PruneState):
             return output
         state.samples += 1
         prefill.stopwatch.stop()
+        starts = _resolve_trace(state.trace, prefill)  # after the prefill's clock
         ms = prefill.stopwatch.ms
         n_visual = sum(s.n_orig for s in prefill.segments)
         cache = getattr(output, "past_key_values", None)
@@ -601,7 +634,7 @@ def _make_post_hook(state: PruneState):
             "prefill_ms": ms,
             "n_prompt": prefill.n_prompt,
             "n_visual": n_visual,
-            "n_visual_final": sum(int(s.alive.numel()) for s in prefill.segments),
+            "n_visual_final": sum(prefill.alive()),
             # Visual tokens at each decoder layer's input, and their mean over the layers (the
             # "average kept tokens" of methods whose count changes with depth; recycled included).
             "visual_per_layer": list(prefill.layer_visual),
@@ -609,9 +642,9 @@ def _make_post_hook(state: PruneState):
             # Where each image sits in the unpruned prompt, and its token grid (overlays); images
             # with markers (LLaVA-NeXT's newline tokens, never pruned) say how many.
             "image_spans": [
-                {"start": int(s.orig_seq[0]), "n": s.n_orig, "grid": list(s.grid) if s.grid else None,
+                {"start": start, "n": s.n_orig, "grid": list(s.grid) if s.grid else None,
                  **({"markers": s.markers} if s.markers else {})}
-                for s in prefill.segments
+                for s, start in zip(prefill.segments, starts)
             ],
             "kv_cache_bytes": _cache_bytes(cache),
             "peak_memory_bytes": _peak_memory(prefill.stopwatch),
@@ -670,7 +703,7 @@ def _find_segments(state: PruneState, model: nn.Module, input_ids: torch.Tensor,
         if e.visual is not None:  # the offsets are the family's (CPU): no device sync
             is_marker = torch.ones(e.span, dtype=torch.bool)
             is_marker[e.visual.cpu()] = False
-            offsets = torch.nonzero(is_marker).flatten()
+            offsets = _true_indices(is_marker, e.span - e.n)
             seq = span.index_select(0, e.visual.to(span.device))
             marker_seq = span.index_select(0, offsets.to(span.device))
         crops = e.crops.to(seq.device) if e.crops is not None else None
@@ -777,9 +810,9 @@ def _decoder_forward(
         if prefill is not None:
             prev_input = (hidden, cos, sin)
             if i == 0:
-                prefill.input0 = (hidden, seq_index)
+                prefill.input0, prefill.alive0 = (hidden, seq_index), prefill.alive()
             prefill.layer_ids.append(seq_index)
-            prefill.layer_visual.append(sum(int(s.alive.numel()) for s in prefill.segments))
+            prefill.layer_visual.append(sum(prefill.alive()))
         # ---- end ----
         # ---- change 1 (cont.): this layer's mask from its own cache length ----
         q_len = hidden.shape[1]
@@ -856,9 +889,8 @@ def _prune_step(
     args = state.config.args_for(name)
     if stage == "vision":  # a ViT-internal merge: cut to its groups' slots (see methods.ViTMerge)
         if "vit_merge_cols" not in state.vision:  # skipped: the trace says why, nothing is cut
-            n = [int(s.alive.numel()) for s in prefill.segments]
-            survivors = sorted(int(p) for s in prefill.segments for p in s.orig_seq[s.alive] if p < prefill.n_prompt)
-            state.trace.append(Event(stage, None, name, sum(n), sum(n), survivors, [(k, k) for k in n], note=state.vision["vit_merge_note"]))
+            n = prefill.alive()
+            state.trace.append(Event(stage, None, name, sum(n), sum(n), prefill.survivor_ids(), [(k, k) for k in n], note=state.vision["vit_merge_note"]))
             return None
         cols, feats = state.vision["vit_merge_cols"], state.vision["vit_merge_features"]
 
@@ -892,9 +924,10 @@ def _prune_step(
     needs = method.needs_for(state.family.name, stage)
     shared = {} if stage == "vision" else _compute_needs(needs, state, text, layer, hidden, cos, sin, prev_input, seq_index)
     keep_seq = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
+    n_left = hidden.shape[1]  # True entries of keep_seq, counted on the host (the method's k is a shape)
     new_hidden = hidden
     images = []
-    inserts: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (after sequence index, ids [c], features [c, D])
+    inserts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (after: 0-d sequence index, ids [c], features [c, D])
     for img, (seg, idx, keep) in enumerate(zip(prefill.segments, local, budgets)):
         n = int(idx.numel())
         if n == 0 or (ratio is not None and keep >= n):
@@ -919,28 +952,30 @@ def _prune_step(
         out = select(ctx, keep) if stage == "vision" else method.fn(ctx, keep, **args)
         kept, merged, added = methods.check_output(method, out, n, keep)
         kept = kept.to(idx.device)
+        rows = idx[kept]  # [k] sequence indices of the kept tokens
         if merged is not None:
             if new_hidden is hidden:
                 new_hidden = hidden.clone()
-            new_hidden[0, idx[kept]] = merged.to(hidden.dtype)
-        drop = torch.ones(n, dtype=torch.bool, device=idx.device)
-        drop[kept] = False
-        keep_seq[idx[drop]] = False
+            new_hidden[0, rows] = merged.to(hidden.dtype)
+        # Drop the image's tokens, then take its kept ones back: index writes, no boolean mask (sync).
+        keep_seq[idx] = False
+        keep_seq[rows] = True
+        n_left -= n - int(kept.numel())
         seg.alive = seg.alive[kept]
         c = 0 if added is None else int(added.shape[0])
         if c:
             # New tokens: ids after the table's end, inserted after the image's last kept token
             # (or where its first token was, if none is kept), positioned as its last original token.
             ids = torch.arange(prefill.n_table, prefill.n_table + c, device=idx.device)
-            prefill.added_source += [int(seg.orig_seq[seg.n_orig - 1])] * c
-            after = int(idx[kept].max()) if kept.numel() else int(idx.min()) - 1
+            prefill.added_source.append(seg.orig_seq[seg.n_orig - 1].expand(c))
+            after = rows.max() if kept.numel() else idx.min() - 1  # 0-d, stays on the device
             inserts.append((after, ids, added.to(hidden.dtype)))
             seg.alive = torch.cat([seg.alive, torch.arange(len(seg.orig_seq), len(seg.orig_seq) + c, device=idx.device)])
             seg.orig_seq = torch.cat([seg.orig_seq, ids])
         images.append((n, int(kept.numel()) + c))
     sw.stop()
 
-    kept_seq = torch.nonzero(keep_seq).flatten()
+    kept_seq = _true_indices(keep_seq, n_left)
     new_ids, new_hidden = seq_index[kept_seq], new_hidden.index_select(1, kept_seq)
     if inserts:
         # Order: each kept token at its old sequence index, inserted tokens just after theirs.
@@ -948,19 +983,16 @@ def _prune_step(
         perm = torch.argsort(torch.cat(order))
         new_ids = torch.cat([new_ids] + [ids for _, ids, _ in inserts])[perm]
         new_hidden = torch.cat([new_hidden] + [f[None] for _, _, f in inserts], dim=1)[:, perm]
-    survivors = sorted(int(p) for s in prefill.segments for p in s.orig_seq[s.alive] if p < prefill.n_prompt)
-    n_keep = sum(k for _, k in images)
     state.trace.append(
         Event(
             stage=stage,
             layer=layer if stage == "intra_llm" else None,
             method=name,
             n_in=sum(n for n, _ in images),
-            n_keep=n_keep,
-            kept=survivors,
+            n_keep=sum(k for _, k in images),
+            kept=prefill.survivor_ids(),  # kept, merged and ms are read after the prefill (_resolve_trace)
             images=images,
-            ms=sw.ms,
-            merged=n_keep - len(survivors),
+            stopwatch=sw,
             note=state.vision.get("vit_merge_note", "") if stage == "vision" else "",
         )
     )
@@ -979,18 +1011,24 @@ def _trim_caches(state: PruneState, prefill: _Prefill, cache: Any, final_ids: to
     final = torch.zeros(prefill.n_table, dtype=torch.bool, device=final_ids.device)
     final[final_ids] = True
     visual = prefill.visual_ids(final_ids.device)
+    layer_ids = prefill.layer_ids[start:]
+    if not layer_ids:
+        return
+    # Per layer, how many of its tokens stay, its visual tokens and those that stay: ONE read for all
+    # layers (the cut sizes and the event's counts).
+    stay = [final[ids] for ids in layer_ids]
+    counts = torch.stack([torch.stack([f.sum(), visual[ids].sum(), (f & visual[ids]).sum()]) for f, ids in zip(stay, layer_ids)])
     n_in = n_keep = 0
-    for j in range(start, len(prefill.layer_ids)):
-        ids = prefill.layer_ids[j]
-        sel = torch.nonzero(final[ids]).flatten()
-        if sel.numel() == ids.numel():
+    for j, (f, ids, (n_stay, n_vis, n_vis_stay)) in enumerate(zip(stay, layer_ids, counts.tolist()), start=start):
+        if n_stay == ids.numel():
             continue
+        sel = _true_indices(f, n_stay)
         layer_cache = cache.layers[j]
         layer_cache.keys = layer_cache.keys.index_select(-2, sel)
         layer_cache.values = layer_cache.values.index_select(-2, sel)
-        n_in, n_keep = max(n_in, int(visual[ids].sum())), int(visual[ids[sel]].sum())
+        n_in, n_keep = max(n_in, n_vis), n_vis_stay
     if n_in:
-        survivors = sorted(int(p) for s in prefill.segments for p in s.orig_seq[s.alive] if p < prefill.n_prompt)
+        n = prefill.alive()
         state.trace.append(
             Event(
                 stage="post_prefill",
@@ -998,11 +1036,38 @@ def _trim_caches(state: PruneState, prefill: _Prefill, cache: Any, final_ids: to
                 method=",".join(dict.fromkeys(s.method for s in state.config.intra if methods.get_method(s.method).trim_cache)),
                 n_in=n_in,
                 n_keep=n_keep,
-                kept=survivors,
-                images=[(int(s.alive.numel()), int(s.alive.numel())) for s in prefill.segments],
-                merged=n_keep - len(survivors),
+                kept=prefill.survivor_ids(),
+                images=[(k, k) for k in n],
             )
         )
+
+
+def _true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """``[count]``: the ascending indices of the True entries of the 1-D ``mask``, whose number the
+    caller knows on the host. What ``torch.nonzero(mask).flatten()`` gives, without its read of the
+    count (a host sync): each True entry is scattered to its rank (cumsum), the others to a spare slot."""
+    rank = torch.where(mask, mask.long().cumsum(0) - 1, count)
+    out = torch.empty(count + 1, dtype=torch.long, device=mask.device)
+    return out.scatter_(0, rank, torch.arange(mask.numel(), device=mask.device))[:count]
+
+
+def _resolve_trace(trace: list[Event], prefill: _Prefill) -> list[int]:
+    """After the prefill: the events' pending ``kept`` (device tensors of survivor ids) become lists
+    of prompt indices, ``merged`` their survivors that methods created, ``ms`` their timers' reads;
+    returns the images' start indices (for the record). Everything comes over in ONE device-to-host
+    transfer (the one host sync of the record)."""
+    pending = [e for e in trace if isinstance(e.kept, torch.Tensor)]
+    parts = [e.kept for e in pending] + [s.orig_seq[:1] for s in prefill.segments]
+    values = torch.cat([p.to(parts[0].device) for p in parts]).tolist() if parts else []
+    at = 0
+    for e in pending:
+        ids, at = values[at : at + e.kept.numel()], at + e.kept.numel()
+        e.kept = [p for p in ids if p < prefill.n_prompt]  # ascending; added tokens' ids come last
+        e.merged = e.n_keep - len(e.kept)
+    for e in trace:
+        if e.stopwatch is not None:
+            e.ms, e.stopwatch = e.stopwatch.ms, None
+    return values[at:]
 
 
 # ----------------------------------------------------------------------------- method inputs
@@ -1023,18 +1088,13 @@ def _compute_needs(
     out: dict[str, Any] = {}
     full_attention: torch.Tensor | None = None
     family, segments = state.family, state.prefill.segments if state.prefill is not None else []
-    where: dict[str, torch.Tensor] = {}
+    # Where the text after each image starts in the current sequence, counted on the host before
+    # this event cuts anything (no sync; see _Prefill.text_start).
+    alive = state.prefill.alive() if state.prefill is not None else []
+    starts = [state.prefill.text_start(i, alive) for i in range(len(segments))]
 
-    def text_start(idx: torch.Tensor, seg: _Segment) -> int:
-        # Where the text after image ``seg`` starts in the current sequence: after its last visual
-        # token, or, for an image with markers (LLaVA-NeXT: its last row's newline token, never
-        # pruned), after its last placeholder.
-        if not seg.markers:
-            return int(idx.max()) + 1
-        if "pos" not in where:
-            where["pos"] = torch.full((state.prefill.n_table,), -1, dtype=torch.long, device=seq_index.device)
-            where["pos"][seq_index] = torch.arange(len(seq_index), device=seq_index.device)
-        return int(where["pos"][seg.end]) + 1
+    def text_start(idx: torch.Tensor, img: int) -> int:
+        return starts[img]
 
     for need in needs:
         if need.startswith(("last_query_attention_prev", "prev_")) and prev_input is None:
@@ -1058,26 +1118,29 @@ def _compute_needs(
             continue
         if need == "n_vit_tokens":
             cols = state.vision.get("vit_merge_cols")
-            out[need] = lambda idx, img, seg, c=cols: seg.n_orig if c is None else int(c[img].max()) + 1
+            # After a ViT merge, the image's merged tokens (each holds at least one of its patches, so
+            # this is max(cols[img]) + 1): a shape, not a read of the columns.
+            feats = state.vision.get("vit_merge_features")
+            out[need] = lambda idx, img, seg, c=cols, f=feats: seg.n_orig if c is None else int(f[img].shape[0])
             continue
         if need in ("input_visual", "input_text_only", "prev_attention_text_only"):
             prefill = state.prefill
             visual = prefill.visual_ids(hidden.device, markers=True)  # no image's placeholder is text
-            h0, ids0 = prefill.input0 if prefill.input0 is not None else (hidden, seq_index)
+            h0, ids0, alive0 = (*prefill.input0, prefill.alive0) if prefill.input0 is not None else (hidden, seq_index, alive)
 
-            def text_rows(ids: torch.Tensor, seg: _Segment, visual: torch.Tensor = visual) -> torch.Tensor:
+            def text_rows(ids: torch.Tensor, img: int, seg: _Segment, counts: list[int], visual: torch.Tensor = visual) -> torch.Tensor:
                 # Rows of ``ids`` that are text after this image: no image's token (nor marker), later
-                # in the prompt.
-                return torch.nonzero(~visual[ids] & (ids > seg.end)).flatten()
+                # in the prompt; as many as the host counts say (no nonzero).
+                return _true_indices(~visual[ids] & (ids > seg.end), prefill.n_text_after(img, counts, ids.numel()))
 
-            if need == "input_visual":
-                out[need] = lambda idx, img, seg, h=h0, ids=ids0: h[0, torch.isin(ids, seg.orig_seq)]
+            if need == "input_visual":  # the rows of ids0 that are this image's (alive0[img] of them)
+                out[need] = lambda idx, img, seg, h=h0, ids=ids0: h[0, _true_indices(torch.isin(ids, seg.orig_seq), alive0[img])]
             elif need == "input_text_only":
-                out[need] = lambda idx, img, seg, h=h0, ids=ids0: h[0, text_rows(ids, seg)]
+                out[need] = lambda idx, img, seg, h=h0, ids=ids0: h[0, text_rows(ids, img, seg, alive0)]
             else:
                 if full_attention is None:
                     full_attention = attention_probs(state.family, text.layers[layer - 1], *prev_input)
-                out[need] = lambda idx, img, seg, a=full_attention: a[:, text_rows(seq_index, seg)][:, :, idx]
+                out[need] = lambda idx, img, seg, a=full_attention: a[:, text_rows(seq_index, img, seg, alive)][:, :, idx]
             continue
         if need == "last_query_attention_prev":
             attn = last_query_attention(state.family, text.layers[layer - 1], *prev_input)
@@ -1102,7 +1165,7 @@ def _compute_needs(
             out[need] = layered
         elif need in ("prev_keys", "prev_text_keys"):
             keys = layer_keys(state.family, text.layers[layer - 1], *prev_input)[0]  # [L, KV*hd]
-            out[need] = (lambda idx, *_, k=keys: k[idx]) if need == "prev_keys" else (lambda idx, img, seg, k=keys: k[text_start(idx, seg) :])
+            out[need] = (lambda idx, *_, k=keys: k[idx]) if need == "prev_keys" else (lambda idx, img, seg, k=keys: k[text_start(idx, img) :])
         elif need in ("prev_attention_visual", "prev_attention_text"):
             if full_attention is None:  # shared by the two needs
                 full_attention = attention_probs(state.family, text.layers[layer - 1], *prev_input)
@@ -1110,11 +1173,11 @@ def _compute_needs(
             if need == "prev_attention_visual":
                 out[need] = lambda idx, *_, a=attn: a[:, idx][:, :, idx]
             else:
-                out[need] = lambda idx, img, seg, a=attn: a[:, text_start(idx, seg) :][:, :, idx]
+                out[need] = lambda idx, img, seg, a=attn: a[:, text_start(idx, img) :][:, :, idx]
         elif need == "final_normed_features":
             out[need] = lambda idx, *_, h=hidden: text.norm(h[0, idx])
         elif need == "final_normed_text":
-            out[need] = lambda idx, img, seg, h=hidden: text.norm(h[0, text_start(idx, seg) :])
+            out[need] = lambda idx, img, seg, h=hidden: text.norm(h[0, text_start(idx, img) :])
         elif need == "sequence_index":
             out[need] = lambda idx, *_: idx
         elif need in (
@@ -1143,7 +1206,7 @@ def _compute_needs(
                 out[need] = with_cls
         elif need == "text_features":
             # "Text" is every token after the image (question + assistant prefix), as in METHODS.md.
-            out[need] = lambda idx, img, seg, h=hidden: h[0, text_start(idx, seg) :]
+            out[need] = lambda idx, img, seg, h=hidden: h[0, text_start(idx, img) :]
         else:  # registry validation makes this unreachable
             raise KeyError(need)
     return out
