@@ -433,7 +433,7 @@ def _make_pre_hook(state: PruneState):
             if cfg.active:
                 _check_batch(input_ids.shape[0])
             segments = _find_segments(state, module, input_ids, kwargs_for_layout) if input_ids.shape[0] == 1 else []
-            sw = early.stopwatch if early is not None else Stopwatch(input_ids.device, cfg.time_prefill).start()
+            sw = early.stopwatch if early is not None else Stopwatch(input_ids.device, cfg.time_prefill, peak_memory=True).start()
             if early is None and segments and _needs_vit(cfg, state.family.name):
                 _start_vision_capture(state, module)
             state.prefill = _Prefill(segments=segments, n_prompt=input_ids.shape[1], stopwatch=sw)
@@ -606,7 +606,7 @@ def _make_encoder_wrapper(state: PruneState, model: nn.Module, original: Callabl
         if state.prefill is None and (cfg.active or cfg.time_prefill):
             pixels = kwargs.get("pixel_values", args[0] if args else None)
             device = pixels.device if isinstance(pixels, torch.Tensor) else None
-            state.early = _Early(kwargs=dict(kwargs), stopwatch=Stopwatch(device, cfg.time_prefill).start())
+            state.early = _Early(kwargs=dict(kwargs), stopwatch=Stopwatch(device, cfg.time_prefill, peak_memory=True).start())
             if _needs_vit(cfg, state.family.name):
                 _start_vision_capture(state, model)
         return _expand_vit_merge(state, original(*args, **kwargs))

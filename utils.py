@@ -702,14 +702,17 @@ class Stopwatch:
     an end in two different hooks.
     """
 
-    def __init__(self, device: torch.device | str | None = None, enabled: bool = True) -> None:
+    def __init__(self, device: torch.device | str | None = None, enabled: bool = True, *, peak_memory: bool = False) -> None:
         self.enabled = enabled
         self.cuda = enabled and torch.device(device or "cpu").type == "cuda"
+        # Only the prefill's stopwatch resets CUDA's peak-memory counter: a method's stopwatch, started
+        # in the middle of the prefill, would otherwise cut the prefill's peak to what came after it.
+        self.peak_memory = peak_memory
         self._ms: float | None = None
 
     def start(self) -> "Stopwatch":
         if self.enabled:
-            if self.cuda:
+            if self.cuda and self.peak_memory:
                 torch.cuda.reset_peak_memory_stats()  # the prefill's peak memory is read against this
                 self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 self._start.record()

@@ -848,12 +848,15 @@ def check_selection(method: PruneMethod, out: Any, n: int, keep: int) -> tuple[t
         raise ValueError(f"{method.name} returned {k} indices for a budget of {keep}")
     if not method.exact_count and not 0 <= k <= n:
         raise ValueError(f"{method.name} returned {k} indices out of {n} tokens")
-    if k and (int(idx.min()) < 0 or int(idx.max()) >= n):
-        raise ValueError(f"{method.name} returned an index outside [0, {n})")
     order = torch.argsort(idx)
     idx = idx[order]
-    if k > 1 and bool((idx[1:] == idx[:-1]).any()):
-        raise ValueError(f"{method.name} returned duplicate indices")
+    if k:  # range and duplicates in one read (one host sync, not three)
+        dup = (idx[1:] == idx[:-1]).any() if k > 1 else torch.zeros((), dtype=torch.bool, device=idx.device)
+        lo, hi, has_dup = torch.stack((idx[0], idx[-1], dup.long())).tolist()
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{method.name} returned an index outside [0, {n})")
+        if has_dup:
+            raise ValueError(f"{method.name} returned duplicate indices")
     if feats is not None:
         if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != k:
             raise ValueError(f"{method.name} returned merged features of shape {_describe(feats)}; expected [{k}, D]")

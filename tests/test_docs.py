@@ -12,8 +12,9 @@ in their ``bash`` blocks runs as written, or is checked without a real checkpoin
   ``python -c ...`` runs as written; ``make`` (the quick start: CI runs it) is not re-run here.
 
 Placeholders a reader replaces (``/ckpts/qwen7b``, ``/path/to/ckpt``, ``/tmp/lmu``) are mapped to
-the tiny checkpoint and a temporary folder. The README's new-method example is written to
-``methods/my_method.py`` while its commands run.
+the tiny checkpoint and a temporary folder. The README's commands run in a copy of the repository
+with the README's new-method example written to ``methods/my_method.py`` (the checkout itself is
+never written, so tests running beside this one see the registry they expect).
 """
 
 from __future__ import annotations
@@ -88,10 +89,10 @@ def hub(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "hf_home": root / "hf", "qwen": tiny["Qwen"]}
 
 
-def _env(hub: dict[str, Path]) -> dict[str, str]:
+def _env(hub: dict[str, Path], root: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEP_", "PRUNE_", "INTRA_LLM", "MMEVAL_ROOT",
                                                                      "METHOD_TIME", "PREFILL_TIME", "OPENAI", "LMUData"))}
-    env.update(HF_HOME=str(hub["hf_home"]), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.update(HF_HOME=str(hub["hf_home"]), HF_HUB_OFFLINE="1", PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     return env
 
 
@@ -99,7 +100,7 @@ def _logical_lines(block: str) -> list[str]:
     return [line for line in block.replace("\\\n", " ").splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _check_command(line: str, env: dict[str, str], hub: dict[str, Path], where: str) -> dict[str, str]:
+def _check_command(line: str, env: dict[str, str], hub: dict[str, Path], where: str, root: Path) -> dict[str, str]:
     """Run or check one command; returns the environment for the next ones."""
     placeholders = {"/ckpts/qwen7b": str(hub["qwen"]), "/path/to/ckpt": str(hub["qwen"]),
                     "/tmp/lmu": str(hub["root"] / "lmu")}
@@ -109,7 +110,7 @@ def _check_command(line: str, env: dict[str, str], hub: dict[str, Path], where: 
     if not words:
         return env
     if words[0] in ("export", "unset"):
-        out = subprocess.run(["bash", "-c", f"{line}\nenv -0"], env=env, capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(["bash", "-c", f"{line}\nenv -0"], env=env, capture_output=True, text=True, cwd=root)
         assert out.returncode == 0, (where, line, out.stderr)
         return dict(item.split("=", 1) for item in out.stdout.split("\0") if "=" in item)
     if words[0] in ("make", "wait"):
@@ -132,7 +133,7 @@ def _check_command(line: str, env: dict[str, str], hub: dict[str, Path], where: 
             cmd.insert(cmd.index("--") if "--" in cmd else len(cmd), "--dry-run")
         env.setdefault("PYTHON", sys.executable)
     elif words[0] == sys.executable and words[1] == "-m" and words[2].startswith("scripts."):
-        help_out = subprocess.run([sys.executable, "-m", words[2], "--help"], env=env, cwd=ROOT, capture_output=True, text=True)
+        help_out = subprocess.run([sys.executable, "-m", words[2], "--help"], env=env, cwd=root, capture_output=True, text=True)
         assert help_out.returncode == 0, (where, line, help_out.stderr[-2000:])
         flags = {w.split("=")[0] for w in words[3:] if w.startswith("--")}
         unknown = sorted(f for f in flags if f not in help_out.stdout)
@@ -140,7 +141,7 @@ def _check_command(line: str, env: dict[str, str], hub: dict[str, Path], where: 
         return env
     else:
         raise AssertionError(f"{where}: no rule for the command {line!r}: teach tests/test_docs.py how to check it")
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (where, line, proc.stdout[-2000:], proc.stderr[-3000:])
     return env
 
@@ -153,21 +154,18 @@ def _readme_example_method() -> str:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
-def test_every_command_runs_or_checks(page, hub):
+def test_every_command_runs_or_checks(page, hub, tmp_path):
     blocks = bash_blocks(page)
-    example = ROOT / "methods" / "my_method.py"
-    wrote = page.name == "README.md"
-    if wrote:
-        assert not example.exists(), f"{example} exists already: move it away"
-        example.write_text(_readme_example_method())
-    try:
-        for n, block in enumerate(blocks):
-            if any(page.name == f and marker in block for f, marker in SKIP_BLOCKS):
-                continue
-            env = _env(hub)
-            for line in _logical_lines(block):
-                env = _check_command(line, env, hub, f"{page.name} block {n}")
-    finally:
-        if wrote:
-            example.unlink()
-            shutil.rmtree(ROOT / "methods" / "__pycache__" / "my_method", ignore_errors=True)
+    root = ROOT
+    if page.name == "README.md":  # its commands use the new-method example: run them in a copy
+        root = tmp_path / "checkout"
+        shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "__pycache__", "outputs", "demo_outputs", "bench_results", "*.pyc"))
+        assert not (root / "methods" / "my_method.py").exists(), "methods/my_method.py exists in the checkout: move it away"
+        (root / "methods" / "my_method.py").write_text(_readme_example_method())
+    for n, block in enumerate(blocks):
+        if any(page.name == f and marker in block for f, marker in SKIP_BLOCKS):
+            continue
+        env = _env(hub, root)
+        for line in _logical_lines(block):
+            env = _check_command(line, env, hub, f"{page.name} block {n}", root)

@@ -49,12 +49,18 @@ def test_check_selection_sorts_and_validates():
         (torch.tensor([0, 0, 1]), "duplicate"),
         (torch.tensor([0, 1]), "2 indices for a budget of 3"),
         (torch.tensor([0, 1, 5]), "outside"),
+        (torch.tensor([2, -1, 1]), "outside"),
         (torch.tensor([0.0, 1.0, 2.0]), "integer tensor"),
         ([0, 1, 2], "integer tensor"),
         ((torch.tensor([0, 1, 2]), torch.zeros(2, 4)), "merged features"),
     ]:
         with pytest.raises((TypeError, ValueError), match=message):
             check_selection(m, bad, n=5, keep=3)
+    from scripts.op_count import OpCounter
+
+    with OpCounter() as ops:  # range and duplicates are read back together: one host sync
+        check_selection(m, torch.tensor([4, 0, 2]), n=5, keep=3)
+    assert len(ops.syncs) == 1, ops.syncs
 
 
 def test_register_validates_signature_stage_and_needs():
