@@ -3,6 +3,8 @@ PY_BOOT ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
+# Test files are spread over this many processes (a file stays in one: its fixtures are shared).
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test clean
 
@@ -21,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m scripts.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) demo_outputs
