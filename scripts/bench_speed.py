@@ -75,6 +75,9 @@ PROMPT_TEXT = (14, 24)
 QUESTION = "What is the colour of the square? Answer with a single word."  # text tokens before / after the image: chat frame + a short question + answer format
 DOCS_BEGIN, DOCS_END = "<!-- bench-speed:begin -->", "<!-- bench-speed:end -->"
 README_BEGIN, README_END = "<!-- bench-speed-summary:begin -->", "<!-- bench-speed-summary:end -->"
+# Methods that read an intermediate ViT layer, by a hyper-parameter: (its name, 1 if 1-based). On a
+# reduced tower the layer is scaled to it (layer * reduced depth / real depth), and the row says so.
+VIT_LAYER_PARAMS = {"hiprune_pre_llm": ("object_layer", 1), "vscan": ("local_layer", 0)}
 README_METHODS = ("random_pre_llm", "divprune_pre_llm", "visionzip_pre_llm", "fastv_intra_llm")
 
 
@@ -485,6 +488,26 @@ def method_configs(family: str, names: list[str], ratios: tuple[float, ...]) -> 
     return out
 
 
+def fit_vit_layers(cfg: PruneConfig, family: str, vit_layers: int, real_vit_depth: int) -> tuple[PruneConfig, str]:
+    """``cfg`` with the ViT-layer hyper-parameters of :data:`VIT_LAYER_PARAMS` scaled to a reduced
+    tower where the published layer does not exist in it, and a note saying what changed."""
+    notes = []
+    for name in cfg.method_names:
+        if name not in VIT_LAYER_PARAMS:
+            continue
+        m = methods.get_method(name)
+        layers = [x for v in m.layers_for(family, cfg.args_for(name)).values() for x in v]
+        if all(x < vit_layers for x in layers):
+            continue
+        param, base = VIT_LAYER_PARAMS[name]
+        published = layers[0]  # the first layer its vit_layers gives is the one the parameter sets
+        scaled = min(vit_layers - 1, published * vit_layers // real_vit_depth) + base
+        args = {**cfg.method_args, name: {**cfg.args_for(name), param: scaled}}
+        cfg = dataclasses.replace(cfg, method_args=args)
+        notes.append(f"{param}={scaled} (published: {published + base} of {real_vit_depth} ViT layers)")
+    return cfg, "; ".join(notes)
+
+
 def needed_depth(cfg: PruneConfig, real_depth: int) -> int:
     """Decoder layers a configuration needs to prune at its published layers (a hybrid's middle
     layer taken on the real depth)."""
@@ -658,6 +681,9 @@ def bench_build(spec: ModelSpec, args, layers: int, vit_layers: int, group, devi
                 try:
                     if name == "cdpruner_pre_llm" and clip_dir is None:
                         clip_dir = _clip_checkpoint(Path(tmp), model)
+                    pcfg, note = fit_vit_layers(pcfg, spec.family, build["vit_layers"], spec.vit_depth)
+                    if note:
+                        row["vit_layer_args"] = note
                     row.update(measure_method(bench, spec.family, cfg, pcfg, vanilla, clip_dir))
                     logger.info("  %-24s %.3f: %.0f ms, %.2fx (predicted %.2fx), method %.2f %%, %d/%d method/engine syncs",
                                 name, ratio, row["prefill_ms"]["median"], row["speedup"], row["predicted_speedup"],
@@ -744,6 +770,8 @@ def markdown(result: dict[str, Any]) -> str:
                     continue
                 tok = _per_layer(r["visual_per_layer"])
                 target = "met" if not r["misses"] else "MISSED: " + "; ".join(r["misses"])
+                if r.get("vit_layer_args"):
+                    target += f" (reduced ViT: {r['vit_layer_args']})"
                 lines.append(
                     f"| `{r['method']}` | {r['ratio']:g} | {_ms(r['prefill_ms'])} | {r['speedup']:.2f}x | "
                     f"{r['predicted_speedup']:.2f}x | {r['speedup_vs_prediction']:.2f} | {_ms(r['method_ms'])} | "
