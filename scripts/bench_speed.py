@@ -733,6 +733,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"warm-up, median (min-max); run time {meta['seconds'] / 60:.1f} min; {meta['date']}; 1-minute load "
         f"average {meta['load_average'][0]:g} before, {meta['load_average'][1]:g} after.",
         "",
+        *misses_summary(result),
+        "",
     ]
     for m in result["models"]:
         for b in m["builds"]:
@@ -785,6 +787,36 @@ def markdown(result: dict[str, Any]) -> str:
         if m.get("not_run"):
             lines.append("")
     return "\n".join(lines)
+
+
+MISS_KINDS = (
+    ("speed-up", "speed-up below 0.9 of the prediction"),
+    ("method ", "method call >= 0.5 % of the prefill"),
+    ("per-token sync loop", "a per-token sync loop in the method"),
+    ("engine adds", f"engine adds more than {TARGET_ENGINE_SYNCS} syncs"),
+)
+
+
+def misses_summary(result: dict[str, Any]) -> list[str]:
+    """A few lines: how many rows meet every target, and which rows miss what."""
+    rows = [(m["model"], r) for m in result["models"] for b in m["builds"] for r in b["rows"] if "error" not in r]
+    failed = [(m["model"], r) for m in result["models"] for b in m["builds"] for r in b["rows"] if "error" in r]
+    out = [f"**Targets:** {sum(not r['misses'] for _, r in rows)} of {len(rows)} measured configurations meet all four "
+           f"(speed-up >= {TARGET_SPEEDUP_FRACTION} of the prediction, method < {100 * TARGET_METHOD_FRACTION:g} % of "
+           f"the prefill, no per-token sync loop, engine <= {TARGET_ENGINE_SYNCS} syncs)"
+           + (f"; {len(failed)} did not run ({', '.join(sorted({'`' + r['method'] + '`' for _, r in failed}))}: see their rows)."
+              if failed else ".")]
+    for prefix, label in MISS_KINDS:
+        hit = sorted({f"`{r['method']}` ({model} {r['ratio']:g})" for model, r in rows
+                      if any(x.startswith(prefix) for x in r["misses"])})
+        if hit:
+            out.append(f"- {label}: {len(hit)}: {', '.join(hit)}")
+    for m in result["models"]:
+        v = m["builds"][0]["vanilla"]
+        if v.get("patch_overhead") is not None and abs(v["patch_overhead"]) > TARGET_PATCH_OVERHEAD:
+            out.append(f"- patch with nothing configured beyond 1 % of unpatched: {m['model']} "
+                       f"{100 * v['patch_overhead']:+.1f} % (median of {len(v['prefill_ms']['runs'])} alternated runs)")
+    return out
 
 
 def _cell(text: str) -> str:
@@ -869,6 +901,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--out", default="bench_results", help="folder of bench_speed.json / bench_speed.md")
     p.add_argument("--quick", action="store_true", help="tiny widths (the test): structure only")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="write the Markdown (and with --write-docs the docs) from a saved bench_speed.json, run nothing")
     p.add_argument("--write-docs", action="store_true",
                    help="regenerate the table in docs/performance.md and the summary in README.md between their markers")
     return p.parse_args(argv)
@@ -891,6 +925,10 @@ def select_models(arg: str | None, device: str) -> list[ModelSpec]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        write_reports(result, Path(args.out), args.write_docs, json_too=False)
+        return result
     t0 = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -940,16 +978,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "engine_syncs": TARGET_ENGINE_SYNCS, "patch_overhead": TARGET_PATCH_OVERHEAD,
                     "sync_loop": SYNC_LOOP},
     }
-    out = Path(args.out)
+    write_reports(result, Path(args.out), args.write_docs)
+    return result
+
+
+def write_reports(result: dict[str, Any], out: Path, write_docs: bool, json_too: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_speed.json").write_text(json.dumps(result, indent=1))
+    if json_too:
+        (out / "bench_speed.json").write_text(json.dumps(result, indent=1))
     md = markdown(result)
     (out / "bench_speed.md").write_text(md + "\n")
-    if args.write_docs:
+    if write_docs:
         replace_between(ROOT / "docs" / "performance.md", DOCS_BEGIN, DOCS_END, md)
         replace_between(ROOT / "README.md", README_BEGIN, README_END, summary_table(result))
-    logger.info("wrote %s and %s (%.1f min)", out / "bench_speed.json", out / "bench_speed.md", result["meta"]["seconds"] / 60)
-    return result
+    logger.info("wrote %s (%.1f min run)", out / "bench_speed.md", result["meta"]["seconds"] / 60)
 
 
 if __name__ == "__main__":

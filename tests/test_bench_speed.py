@@ -81,3 +81,15 @@ def test_generated_sections_replace_only_their_markers(tmp_path):
     page.write_text(f"intro\n{bs.DOCS_BEGIN}\nold\n{bs.DOCS_END}\noutro\n")
     bs.replace_between(page, bs.DOCS_BEGIN, bs.DOCS_END, "new table")
     assert page.read_text() == f"intro\n{bs.DOCS_BEGIN}\nnew table\n{bs.DOCS_END}\noutro\n"
+
+
+def test_reports_regenerate_from_the_saved_json(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        bs.main(["--quick", "--families", "llava", "--methods", "random_pre_llm", "--repeats", "1",
+                 "--decode-steps", "1", "--threads", "1", "--out", str(tmp_path / "run")])
+    finally:
+        torch.set_num_threads(threads)
+    bs.main(["--from-json", str(tmp_path / "run" / "bench_speed.json"), "--out", str(tmp_path / "again")])
+    assert (tmp_path / "again" / "bench_speed.md").read_text() == (tmp_path / "run" / "bench_speed.md").read_text()
+    assert "**Targets:**" in (tmp_path / "again" / "bench_speed.md").read_text()
