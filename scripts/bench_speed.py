@@ -46,7 +46,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -334,38 +334,45 @@ def _stats(xs: list[float]) -> dict[str, float]:
 
 
 class MethodRegions:
-    """Counts the operators and host syncs of each region the engine's method timer wraps (the
-    ``Stopwatch`` a pruning event starts when METHOD_TIME is on: the method's inputs and the method,
-    every image), by handing ``prune_engine`` a Stopwatch that opens an :class:`OpCounter` at
-    ``start()`` and closes it at ``stop()``. Only the method timers are enabled in the counted run
-    (PREFILL_TIME off), so every enabled Stopwatch is one method call."""
+    """The regions the engine's method timer wraps (the ``Stopwatch`` a pruning event starts when
+    METHOD_TIME is on: the method's inputs and the method, every image), seen by handing
+    ``prune_engine`` a Stopwatch subclass: with ``count_ops``, an :class:`OpCounter` opened at
+    ``start()`` and closed at ``stop()`` (``regions``); with ``clock``, the region's milliseconds on
+    that clock (``ms``). PREFILL_TIME stays off, so every enabled Stopwatch is one method call."""
 
-    def __init__(self) -> None:
+    def __init__(self, count_ops: bool = True, clock: Callable[[], float] | None = None) -> None:
+        self.count_ops, self.clock = count_ops, clock
         self.regions: list[OpCounter] = []
+        self.ms: list[float] = []
         self._open: list[OpCounter] = []
 
     def __enter__(self) -> "MethodRegions":
         base = self._base = prune_engine.Stopwatch
-        regions, open_ = self.regions, self._open
+        outer = self
 
-        class CountingStopwatch(base):
+        class RegionStopwatch(base):
             def start(self):
                 super().start()
                 if self.enabled:
-                    self._counter = OpCounter().__enter__()
-                    open_.append(self._counter)
+                    self._bench_t0 = outer.clock() if outer.clock else None
+                    if outer.count_ops:
+                        self._counter = OpCounter().__enter__()
+                        outer._open.append(self._counter)
                 return self
 
             def stop(self):
                 counter = getattr(self, "_counter", None)
                 if counter is not None:
                     counter.__exit__(None, None, None)
-                    open_.remove(counter)
-                    regions.append(counter)
+                    outer._open.remove(counter)
+                    outer.regions.append(counter)
                     self._counter = None
+                if getattr(self, "_bench_t0", None) is not None:
+                    outer.ms.append((outer.clock() - self._bench_t0) * 1000.0)
+                    self._bench_t0 = None
                 super().stop()
 
-        prune_engine.Stopwatch = CountingStopwatch
+        prune_engine.Stopwatch = RegionStopwatch
         return self
 
     def __exit__(self, *exc) -> None:
@@ -385,6 +392,8 @@ class Bench:
     device: torch.device
     repeats: int
     decode_steps: int
+    # time.perf_counter, or on a CPU with one thread time.process_time (see pick_clock)
+    clock: Callable[[], float] = time.perf_counter
     records: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -408,10 +417,10 @@ class Bench:
 
     def timed_prefill(self) -> tuple[float, Any]:
         _sync(self.device)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         out = self.prefill()
         _sync(self.device)
-        return (time.perf_counter() - t0) * 1000.0, out
+        return (self.clock() - t0) * 1000.0, out
 
     @torch.inference_mode()
     def decode(self, out: Any) -> list[float]:
@@ -420,10 +429,10 @@ class Bench:
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(self.decode_steps):
             _sync(self.device)
-            t0 = time.perf_counter()
+            t0 = self.clock()
             step = self.model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
             _sync(self.device)
-            times.append((time.perf_counter() - t0) * 1000.0)
+            times.append((self.clock() - t0) * 1000.0)
             cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
         return times
 
@@ -523,18 +532,22 @@ def measure_method(bench: Bench, family: str, model_cfg, cfg: PruneConfig, vanil
     total, regions, record = bench.counted_prefill()  # the warm-up
     if record is None:
         raise RuntimeError("the pruned prefill wrote no record")
-    # On a GPU the method timer synchronises once per event: time the prefill without it, then
-    # the method calls apart. On a CPU the timer is a clock read: one set of runs gives both.
+    # On a GPU the method timer synchronises once per event: time the prefill without it, then the
+    # method calls apart, from the engine's timer (CUDA events). On a CPU the regions the engine's
+    # timer wraps are timed on the benchmark's clock in the same runs.
     apart = bench.device.type == "cuda"
     if apart:
         bench.set_config(dataclasses.replace(cfg, time_method=False, time_prefill=False))
     prefill, method_ms, out = [], [], None
     for _ in range(bench.repeats):
         bench.records.clear()
-        ms, out = bench.timed_prefill()
+        if apart:
+            ms, out = bench.timed_prefill()
+        else:
+            with MethodRegions(count_ops=False, clock=bench.clock) as timers:
+                ms, out = bench.timed_prefill()
+            method_ms.append(sum(timers.ms))
         prefill.append(ms)
-        if not apart:
-            method_ms.append(_method_ms(bench.records[-1]))
     decode = bench.decode(out)
     kv = prune_engine._cache_bytes(out.past_key_values)
     del out
@@ -646,6 +659,15 @@ def bench_model(spec: ModelSpec, args, layers: int, vit_layers: int, names: list
     return result
 
 
+def pick_clock(device: str) -> tuple[Callable[[], float], str]:
+    """The benchmark's clock: on a GPU the wall clock (with synchronisations); on a CPU with one torch
+    thread the process's CPU time, which other jobs on a shared machine do not inflate (it equals
+    the wall time of an idle machine for single-threaded work); else the wall clock."""
+    if device == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time, "process CPU time (one thread)"
+    return time.perf_counter, "wall clock" + (" (synchronised)" if device != "cpu" else "")
+
+
 def bench_build(spec: ModelSpec, args, layers: int, vit_layers: int, group, device, dtype,
                 patch_check: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -653,7 +675,8 @@ def bench_build(spec: ModelSpec, args, layers: int, vit_layers: int, group, devi
            else real_config(spec, layers, vit_layers, args.attn))
     model = build_model(spec.family, cfg, dtype, args.device)
     inputs = make_inputs(spec.family, cfg, args.quick, args.device, dtype)
-    bench = Bench(model, family_module(spec.family), inputs, device, args.repeats, args.decode_steps)
+    bench = Bench(model, family_module(spec.family), inputs, device, args.repeats, args.decode_steps,
+                  clock=pick_clock(args.device)[0])
     vit = cfg.vision_config
     build = {
         "layers": layers,
@@ -729,9 +752,11 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}; "
-        f"{meta['device']}, {meta['dtype']}, attention {meta['attn']}; {meta['repeats']} timed runs after one "
-        f"warm-up, median (min-max); run time {meta['seconds'] / 60:.1f} min; {meta['date']}; 1-minute load "
-        f"average {meta['load_average'][0]:g} before, {meta['load_average'][1]:g} after.",
+        f"{meta['device']}, {meta['dtype']}, attention {meta['attn']}; times on the {meta.get('clock', 'wall clock')}; "
+        f"{meta['repeats']} timed runs after one "
+        f"warm-up, median (min-max); run time {meta['seconds'] / 60:.1f} min; {meta['date']}"
+        + (f"; 1-minute load average {meta['load_average'][0]:g} before, {meta['load_average'][1]:g} after."
+           if "load_average" in meta else "."),
         "",
         *misses_summary(result),
         "",
@@ -789,11 +814,11 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-MISS_KINDS = (
-    ("speed-up", "speed-up below 0.9 of the prediction"),
-    ("method ", "method call >= 0.5 % of the prefill"),
-    ("per-token sync loop", "a per-token sync loop in the method"),
-    ("engine adds", f"engine adds more than {TARGET_ENGINE_SYNCS} syncs"),
+MISS_KINDS = (  # (how the miss starts, what it means, its short name)
+    ("speed-up", "speed-up below 0.9 of the prediction", "speed-up"),
+    ("method ", "method call >= 0.5 % of the prefill", "method %"),
+    ("per-token sync loop", "a per-token sync loop in the method", "sync loop"),
+    ("engine adds", f"engine adds more than {TARGET_ENGINE_SYNCS} syncs", "engine syncs"),
 )
 
 
@@ -806,7 +831,7 @@ def misses_summary(result: dict[str, Any]) -> list[str]:
            f"the prefill, no per-token sync loop, engine <= {TARGET_ENGINE_SYNCS} syncs)"
            + (f"; {len(failed)} did not run ({', '.join(sorted({'`' + r['method'] + '`' for _, r in failed}))}: see their rows)."
               if failed else ".")]
-    for prefix, label in MISS_KINDS:
+    for prefix, label, _ in MISS_KINDS:
         hit = sorted({f"`{r['method']}` ({model} {r['ratio']:g})" for model, r in rows
                       if any(x.startswith(prefix) for x in r["misses"])})
         if hit:
@@ -848,7 +873,7 @@ def summary_table(result: dict[str, Any], ratio: float = 0.111) -> str:
             lines.append(
                 f"| {m['model']} ({b['layers']} / {b['vit_layers']}) | `{name}` | {r['speedup']:.2f}x / "
                 f"{r['predicted_speedup']:.2f}x | {100 * r['method_fraction']:.2f} | {r['engine_syncs']} | "
-                f"{'met' if not r['misses'] else 'missed'} |"
+                f"{'met' if not r['misses'] else 'missed: ' + ', '.join(short for p, _, short in MISS_KINDS if any(x.startswith(p) for x in r['misses']))} |"
             )
     return "\n".join(lines)
 
@@ -901,8 +926,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--out", default="bench_results", help="folder of bench_speed.json / bench_speed.md")
     p.add_argument("--quick", action="store_true", help="tiny widths (the test): structure only")
-    p.add_argument("--from-json", default=None, metavar="FILE",
-                   help="write the Markdown (and with --write-docs the docs) from a saved bench_speed.json, run nothing")
+    p.add_argument("--from-json", default=None, metavar="FILE[,FILE...]",
+                   help="write the Markdown (and with --write-docs the docs) from saved bench_speed.json files, one "
+                        "section per run, run nothing")
     p.add_argument("--write-docs", action="store_true",
                    help="regenerate the table in docs/performance.md and the summary in README.md between their markers")
     return p.parse_args(argv)
@@ -926,9 +952,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.from_json:
-        result = json.loads(Path(args.from_json).read_text())
-        write_reports(result, Path(args.out), args.write_docs, json_too=False)
-        return result
+        runs = [json.loads(Path(f).read_text()) for f in args.from_json.split(",")]
+        write_reports(runs, Path(args.out), args.write_docs, json_too=False)
+        return runs[0] if len(runs) == 1 else {"runs": runs}
     t0 = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -967,6 +993,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dtype": args.dtype,
         "attn": args.attn,
         "repeats": args.repeats,
+        "clock": pick_clock(args.device)[1],
         "ratios": list(ratios),
         "quick": args.quick,
         "prompt_text_tokens": list(PROMPT_TEXT),
@@ -978,20 +1005,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "engine_syncs": TARGET_ENGINE_SYNCS, "patch_overhead": TARGET_PATCH_OVERHEAD,
                     "sync_loop": SYNC_LOOP},
     }
-    write_reports(result, Path(args.out), args.write_docs)
+    write_reports([result], Path(args.out), args.write_docs)
     return result
 
 
-def write_reports(result: dict[str, Any], out: Path, write_docs: bool, json_too: bool = True) -> None:
+def write_reports(runs: list[dict[str, Any]], out: Path, write_docs: bool, json_too: bool = True) -> None:
+    """The Markdown of one run, or of several (``--from-json a.json,b.json``: each with its command),
+    into ``out`` and, with ``write_docs``, between the markers of docs/performance.md and README.md."""
     out.mkdir(parents=True, exist_ok=True)
     if json_too:
-        (out / "bench_speed.json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
+        (out / "bench_speed.json").write_text(json.dumps(runs[0], indent=1))
+    md = "\n\n".join(markdown(r) for r in runs)
     (out / "bench_speed.md").write_text(md + "\n")
     if write_docs:
         replace_between(ROOT / "docs" / "performance.md", DOCS_BEGIN, DOCS_END, md)
-        replace_between(ROOT / "README.md", README_BEGIN, README_END, summary_table(result))
-    logger.info("wrote %s (%.1f min run)", out / "bench_speed.md", result["meta"]["seconds"] / 60)
+        table = summary_table(runs[0]) + "".join("\n" + summary_table(r).split("\n", 2)[2] for r in runs[1:])
+        replace_between(ROOT / "README.md", README_BEGIN, README_END, table)
+    logger.info("wrote %s (%s min run)", out / "bench_speed.md", " + ".join(f"{r['meta']['seconds'] / 60:.1f}" for r in runs))
 
 
 if __name__ == "__main__":
