@@ -593,7 +593,7 @@ def measure_method(bench: Bench, family: str, model_cfg, cfg: PruneConfig, vanil
         "events": [{k: e[k] for k in ("stage", "layer", "method", "n_in", "n_keep", "ms", "note")} for e in events],
         "vit_merge": any(e["stage"] == "vision" for e in events),
     }
-    row["misses"] = misses(row)
+    row["misses"] = misses(row, family)
     row["targets_met"] = not row["misses"]
     return row
 
@@ -611,15 +611,23 @@ def _diff_kinds(total: dict[str, int], *minus: dict[str, int]) -> dict[str, int]
     return {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v}
 
 
-def misses(row: dict) -> list[str]:
-    """Which targets a row misses, each with the measured reason."""
+def misses(row: dict, family: str | None = None) -> list[str]:
+    """Which targets a row misses, each with the measured reason (the reports recompute them from
+    the saved figures, so a saved run renders with the current wording)."""
     out = []
     if row["speedup_vs_prediction"] < TARGET_SPEEDUP_FRACTION:
         why = f"speed-up {row['speedup']:.2f}x is {row['speedup_vs_prediction']:.2f} of the predicted {row['predicted_speedup']:.2f}x"
+        vit_needs = sorted({n for name in {e["method"] for e in row["events"]}
+                            for n in methods.get_method(name).needs_for(family) if n.startswith("vit_")}) if family else []
         if row["method_fraction"] >= 0.05:
             why += f" (method call {100 * row['method_fraction']:.1f} % of the prefill)"
+        elif vit_needs:
+            why += (f" (its ViT inputs {', '.join(vit_needs)} are computed by hooks in the vision pass, outside the "
+                    f"method timer: {row['engine_ops']} ops beyond vanilla's and the method's)")
         elif row["vit_merge"]:
             why += " (ViT merge: the encoder is predicted unmerged)"
+        else:
+            why += f" (method {100 * row['method_fraction']:.1f} %, engine {row['engine_ops']} ops / {row['engine_syncs']} syncs)"
         out.append(why)
     if row["method_fraction"] >= TARGET_METHOD_FRACTION:
         out.append(f"method {100 * row['method_fraction']:.2f} % of the prefill ({row['method_ms']['median']:.1f} ms, "
@@ -796,7 +804,8 @@ def markdown(result: dict[str, Any]) -> str:
                     lines.append(f"| `{r['method']}` | {r['ratio']:g} | | | | | | | | | | | | not run: {_cell(r['error'])} |")
                     continue
                 tok = _per_layer(r["visual_per_layer"])
-                target = "met" if not r["misses"] else "MISSED: " + "; ".join(r["misses"])
+                missed = misses(r, m["family"])
+                target = "met" if not missed else "MISSED: " + "; ".join(missed)
                 if r.get("vit_layer_args"):
                     target += f" (reduced ViT: {r['vit_layer_args']})"
                 lines.append(
@@ -824,7 +833,8 @@ MISS_KINDS = (  # (how the miss starts, what it means, its short name)
 
 def misses_summary(result: dict[str, Any]) -> list[str]:
     """A few lines: how many rows meet every target, and which rows miss what."""
-    rows = [(m["model"], r) for m in result["models"] for b in m["builds"] for r in b["rows"] if "error" not in r]
+    rows = [(m["model"], {**r, "misses": misses(r, m["family"])})
+            for m in result["models"] for b in m["builds"] for r in b["rows"] if "error" not in r]
     failed = [(m["model"], r) for m in result["models"] for b in m["builds"] for r in b["rows"] if "error" in r]
     out = [f"**Targets:** {sum(not r['misses'] for _, r in rows)} of {len(rows)} measured configurations meet all four "
            f"(speed-up >= {TARGET_SPEEDUP_FRACTION} of the prediction, method < {100 * TARGET_METHOD_FRACTION:g} % of "
@@ -865,7 +875,8 @@ def summary_table(result: dict[str, Any], ratio: float = 0.111) -> str:
              "|---|---|---|---|---|---|"]
     for m in result["models"]:
         b = m["builds"][0]
-        rows = {r["method"]: r for r in b["rows"] if "error" not in r and abs(r["ratio"] - ratio) < 1e-9}
+        rows = {r["method"]: {**r, "misses": misses(r, m["family"])}
+                for r in b["rows"] if "error" not in r and abs(r["ratio"] - ratio) < 1e-9}
         for name in README_METHODS:
             r = rows.get(name)
             if r is None:
@@ -919,8 +930,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"(default: {', '.join(CPU_DEEP_MODELS)} on cpu; 'none' to skip)")
     p.add_argument("--decode-steps", type=int, default=None, help="greedy decode steps timed after the prefill (default 4 cpu, 16 cuda)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; on a machine shared with other jobs 1 avoids "
-                        "threads waiting on each other)")
+                   help="torch CPU threads (default on cpu: 1, timed on the process's CPU clock, which other jobs "
+                        "on a shared machine do not inflate; with more, the wall clock)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--attn", default="sdpa")
@@ -956,8 +967,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_reports(runs, Path(args.out), args.write_docs, json_too=False)
         return runs[0] if len(runs) == 1 else {"runs": runs}
     t0 = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     load_before = os.getloadavg()
     cpu = args.device == "cpu"
     models = select_models(args.families, args.device)
