@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import gc
 import json
 import logging
 import os
@@ -784,6 +785,9 @@ def bench_build(spec: ModelSpec, args, layers: int, vit_layers: int, group, devi
     build["n_visual"] = next((r["n_visual"] for r in build["rows"] if "n_visual" in r), None)
     build["seconds"] = time.perf_counter() - t0
     del bench, model
+    gc.collect()  # the patched model holds reference cycles (its engine state points back at it)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return build
 
 
