@@ -571,6 +571,9 @@ def measure_method(bench: Bench, family: str, model_cfg, cfg: PruneConfig, vanil
     total, regions, record = bench.counted_prefill()  # the warm-up
     if record is None:
         raise RuntimeError("the pruned prefill wrote no record")
+    if not regions and any(e["stage"] != "post_prefill" for e in record["events"]):
+        raise RuntimeError("the engine's method timer was not seen (prune_engine no longer times a pruning event with "
+                           "utils.Stopwatch): scripts/bench_speed.py MethodRegions must follow it")
     # On a GPU the method timer synchronises once per event: time the prefill without it, then the
     # method calls apart, from the engine's timer (CUDA events). On a CPU the regions the engine's
     # timer wraps are timed on the benchmark's clock in the same runs.
