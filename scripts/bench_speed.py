@@ -668,12 +668,33 @@ def _diff_kinds(total: dict[str, int], *minus: dict[str, int]) -> dict[str, int]
     return {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v}
 
 
-def misses(row: dict, family: str | None = None) -> list[str]:
+def baseline_for(row: dict, rows: list[dict]) -> dict | None:
+    """The random method of ``row``'s stage at the same ratio with the same decoder FLOPs (the same
+    visual tokens per layer, to 1 %): the configuration that differs from ``row`` only by what the
+    method computes. None for itself, hybrids and where none matches."""
+    stages = {e["stage"] for e in row["events"]} - {"vision"}
+    if len(stages) != 1 or methods.get_method(row["method"]).schedule is not None:
+        return None
+    name = f"random_{stages.pop()}"
+    for r in rows:
+        if (r["method"] == name != row["method"] and "error" not in r and r["ratio"] == row["ratio"]
+                and abs(r["flops"]["llm"] / row["flops"]["llm"] - 1) < 0.01):
+            return r
+    return None
+
+
+def misses(row: dict, family: str | None = None, baseline: dict | None = None) -> list[str]:
     """Which targets a row misses, each with the measured reason (the reports recompute them from
-    the saved figures, so a saved run renders with the current wording)."""
+    the saved figures, so a saved run renders with the current wording). ``baseline``: its
+    :func:`baseline_for`, whose prefill says what the method's work adds."""
     out = []
     if row["speedup_vs_prediction"] < TARGET_SPEEDUP_FRACTION:
         why = f"speed-up {row['speedup']:.2f}x is {row['speedup_vs_prediction']:.2f} of the predicted {row['predicted_speedup']:.2f}x"
+        if baseline is not None:
+            extra = row["prefill_ms"]["median"] - baseline["prefill_ms"]["median"]
+            why += (f"; `{baseline['method']}` (same tokens per layer, no scores) reaches "
+                    f"{baseline['speedup_vs_prediction']:.2f}; this method's prefill takes {extra:+.0f} ms more than it, "
+                    f"its method call {row['method_ms']['median']:.0f} ms")
         vit_needs = sorted({n for name in {e["method"] for e in row["events"]}
                             for n in methods.get_method(name).needs_for(family) if n.startswith("vit_")}) if family else []
         cal = row.get("calibrated_speedup")
@@ -686,7 +707,8 @@ def misses(row: dict, family: str | None = None) -> list[str]:
             why += (f" (its ViT inputs {', '.join(vit_needs)} are computed by hooks in the vision pass, outside the "
                     f"method timer: {row['engine_ops']} ops beyond vanilla's and the method's)")
         elif row["vit_merge"]:
-            why += " (ViT merge: the encoder is predicted unmerged)"
+            why += (" (its ViT merge runs in the vision pass, outside the method timer; the prediction counts the "
+                    "encoder unmerged)")
         else:
             why += f" (method {100 * row['method_fraction']:.1f} %, engine {row['engine_ops']} ops / {row['engine_syncs']} syncs)"
         out.append(why)
@@ -872,7 +894,7 @@ def markdown(result: dict[str, Any]) -> str:
                     lines.append(f"| `{r['method']}` | {r['ratio']:g} | | | | | | | | | | | | | not run: {_cell(r['error'])} |")
                     continue
                 tok = _per_layer(r["visual_per_layer"])
-                missed = misses(r, m["family"])
+                missed = misses(r, m["family"], baseline_for(r, b["rows"]))
                 target = "met" if not missed else "MISSED: " + "; ".join(missed)
                 if r.get("vit_layer_args"):
                     target += f" (reduced ViT: {r['vit_layer_args']})"
@@ -902,7 +924,7 @@ MISS_KINDS = (  # (how the miss starts, what it means, its short name)
 
 def misses_summary(result: dict[str, Any]) -> list[str]:
     """A few lines: how many rows meet every target, and which rows miss what."""
-    rows = [(m["model"], {**r, "misses": misses(r, m["family"])})
+    rows = [(m["model"], {**r, "misses": misses(r, m["family"], baseline_for(r, b["rows"]))})
             for m in result["models"] for b in m["builds"] for r in b["rows"] if "error" not in r]
     failed = [(m["model"], r) for m in result["models"] for b in m["builds"] for r in b["rows"] if "error" in r]
     out = [f"**Targets:** {sum(not r['misses'] for _, r in rows)} of {len(rows)} measured configurations meet all four "
@@ -944,7 +966,7 @@ def summary_table(result: dict[str, Any], ratio: float = 0.111) -> str:
              "|---|---|---|---|---|---|"]
     for m in result["models"]:
         b = m["builds"][0]
-        rows = {r["method"]: {**r, "misses": misses(r, m["family"])}
+        rows = {r["method"]: {**r, "misses": misses(r, m["family"], baseline_for(r, b["rows"]))}
                 for r in b["rows"] if "error" not in r and abs(r["ratio"] - ratio) < 1e-9}
         for name in README_METHODS:
             r = rows.get(name)
